@@ -1,0 +1,55 @@
+"""mono_quant: calibration observers for int8/int4 quantization.
+
+Observers watch tensors and turn what they saw into ``scale`` / ``zero_point``. On CUDA tensors the
+statistics come from fused Triton kernels (``mono_quant.kernels``, optional); everywhere else from torch
+ops, with the same results. ``import mono_quant`` needs neither triton nor matplotlib.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
+from mono_quant.core import (
+    HistogramObserver,
+    HistogramState,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    ObserverBase,
+    PerChannelMinMaxObserver,
+    QuantSpec,
+    calculate_qparams,
+    dequantize,
+    fake_quantize,
+    merge_histograms,
+    quant_range,
+    quantize,
+    sqnr,
+)
+
+try:
+    __version__ = version("mono_quant")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "CalibrationResult",
+    "ExperimentalWarning",
+    "HistogramObserver",
+    "HistogramState",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "ObserverBase",
+    "PerChannelMinMaxObserver",
+    "QuantSpec",
+    "__version__",
+    "calculate_qparams",
+    "create_observer",
+    "dequantize",
+    "fake_quantize",
+    "merge_histograms",
+    "quant_range",
+    "quantize",
+    "run_calibration",
+    "sqnr",
+]

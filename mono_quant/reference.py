@@ -1,0 +1,181 @@
+"""The observers' statistics in plain torch: the CPU path, the test oracle and the benchmark baseline.
+
+Each public function here has a Triton twin in ``mono_quant.kernels`` with the same signature and the
+same result (min/max, counts and grids bit for bit; the EMA to float32 rounding). They update state
+tensors in place and never return anything, so a caller can hold the buffers of an ``nn.Module``.
+
+State, shared with the kernels:
+    running_min, running_max: float32, ``()`` per tensor or ``(C,)`` per channel; ``+inf``/``-inf``
+        until a finite value has been seen (per channel: in that channel).
+    seen: int64 ``(3,)``: finite values, non-finite values (all channels together), batches observed.
+    exponent, origin: int64 ``()``, the histogram's grid; counts: int64 ``(B,)``.
+
+Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. On CUDA tensors nothing
+here reads a value on the host; on CPU tensors the functions branch on values where that skips work
+(the non-finite filtering of a batch that turned out finite) with identical results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mono_quant.core.histogram import bin_index, canonical_grid, regrid
+
+__all__ = [
+    "finite_minmax",
+    "finite_minmax_per_channel",
+    "histogram_update_",
+    "minmax_per_channel_update_",
+    "minmax_update_",
+]
+
+# Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 and
+# non-finite inputs to 16 MiB whatever the tensor size.
+CHUNK = 1 << 22
+
+
+def _may_branch(x: torch.Tensor) -> bool:
+    """Reading values costs nothing on the CPU (no stream to stall)."""
+    return x.device.type == "cpu"
+
+
+def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min and max of the finite values of ``x`` and the number of non-finite ones.
+
+    Args:
+        x: a non-empty float tensor of any shape and strides.
+
+    Returns:
+        ``(min, max, nonfinite)``: 0-d float32, float32 (``+inf``/``-inf`` if no value is finite), int64.
+    """
+    mn, mx = torch.aminmax(x)
+    if _may_branch(x) and bool(torch.isfinite(mn) & torch.isfinite(mx)):
+        return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
+    inf = torch.tensor(float("inf"), dtype=torch.float32, device=x.device)
+    mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
+    for chunk in x.reshape(-1).split(CHUNK):
+        finite = torch.isfinite(chunk)
+        mn = torch.minimum(mn, torch.where(finite, chunk, inf).amin().float())
+        mx = torch.maximum(mx, torch.where(finite, chunk, -inf).amax().float())
+        bad = bad + (~finite).sum()
+    return mn, mx, bad
+
+
+def finite_minmax_per_channel(
+    x: torch.Tensor, ch_axis: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel min and max of the finite values of ``x`` along ``ch_axis``, and the non-finite count.
+
+    Args:
+        x: a non-empty float tensor with ``C = x.shape[ch_axis]``.
+
+    Returns:
+        ``(min, max, nonfinite)``: float32 ``(C,)`` (``+inf``/``-inf`` for a channel with no finite value),
+        float32 ``(C,)``, int64 ``()``.
+    """
+    dims = [d for d in range(x.dim()) if d != ch_axis % x.dim()]
+    if not dims:  # a 1-D tensor: every element is its own channel
+        finite = torch.isfinite(x)
+        mn = torch.where(finite, x, float("inf")).float()
+        mx = torch.where(finite, x, float("-inf")).float()
+        return mn, mx, (~finite).sum()
+    mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+    if _may_branch(x) and bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+        return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
+    finite = torch.isfinite(x)
+    mn = torch.where(finite, x, float("inf")).amin(dim=dims).float()
+    mx = torch.where(finite, x, float("-inf")).amax(dim=dims).float()
+    return mn, mx, (~finite).sum()
+
+
+def _update_range_(
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    mn: torch.Tensor,
+    mx: torch.Tensor,
+    averaging_constant: float | None,
+) -> None:
+    if averaging_constant is None:
+        torch.minimum(running_min, mn, out=running_min)
+        torch.maximum(running_max, mx, out=running_max)
+        return
+    c = averaging_constant
+    for run, cur in ((running_min, mn), (running_max, mx)):
+        # first finite batch (run is still +-inf): take it; a batch with nothing finite: keep the old value
+        ema = run + c * (cur - run)
+        run.copy_(torch.where(torch.isinf(run), cur, torch.where(torch.isinf(cur), run, ema)))
+
+
+def minmax_update_(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    averaging_constant: float | None = None,
+) -> None:
+    """Fold the finite min/max of ``x`` into the running range, in place.
+
+    ``averaging_constant=None``: running min/max. Otherwise the moving average
+    ``run = run + c * (batch - run)`` (that is ``(1 - c) * run + c * batch``), started by the first batch
+    with a finite value; a batch with no finite value leaves it unchanged.
+
+    Args:
+        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
+    """
+    mn, mx, bad = finite_minmax(x)
+    _update_range_(running_min, running_max, mn, mx, averaging_constant)
+    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
+
+
+def minmax_per_channel_update_(
+    x: torch.Tensor,
+    ch_axis: int,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    averaging_constant: float | None = None,
+) -> None:
+    """Per-channel ``minmax_update_`` along ``ch_axis``: running_min/max are float32 ``(C,)``."""
+    mn, mx, bad = finite_minmax_per_channel(x, ch_axis)
+    _update_range_(running_min, running_max, mn, mx, averaging_constant)
+    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
+
+
+def histogram_update_(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    exponent: torch.Tensor,
+    origin: torch.Tensor,
+    counts: torch.Tensor,
+) -> None:
+    """Add the finite values of ``x`` to a canonical-grid histogram, in place.
+
+    The new grid is ``canonical_grid`` of the range seen so far, the old counts move to it exactly, then
+    ``x`` is binned on it (see ``mono_quant.core.histogram``).
+
+    Args:
+        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
+        exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
+    """
+    num_bins = counts.shape[0]
+    mn, mx, bad = finite_minmax(x)
+    torch.minimum(running_min, mn, out=running_min)
+    torch.maximum(running_max, mx, out=running_max)
+    new_e, new_o = canonical_grid(running_min, running_max, num_bins)
+    counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
+    exponent.copy_(new_e)
+    origin.copy_(new_o)
+    all_finite = _may_branch(x) and int(bad) == 0
+    for chunk in x.reshape(-1).split(CHUNK):
+        chunk = chunk.float()
+        idx = bin_index(chunk, exponent, origin)
+        if all_finite:
+            counts += torch.bincount(idx, minlength=num_bins)
+            continue
+        finite = torch.isfinite(chunk)
+        # non-finite values go to bin 0 with weight 0: no data-dependent shapes, no host read
+        idx = torch.where(finite, idx, 0)
+        counts.index_add_(0, idx, finite.to(counts.dtype))
+    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
