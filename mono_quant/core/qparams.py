@@ -38,6 +38,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quant_range",
+    "quantization_sqnr",
     "quantize",
     "resolve_qscheme",
     "sqnr",
@@ -177,15 +178,25 @@ def quantize(
 ) -> torch.Tensor:
     """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int32.
 
+    Rounding is half to even (``torch.round``, as ``torch.quantize_per_tensor``). ``+-inf`` and values far
+    outside the range clamp to ``qmax`` / ``qmin``; ``NaN`` maps to the zero point (dequantizes to 0).
+
     Args:
         x: any float tensor.
         scale, zero_point: 0-d, or ``(C,)`` with ``ch_axis`` naming the channel dimension of ``x``.
         qmin, qmax: the integer range (``quant_range(dtype, reduce_range)``).
+        ch_axis: the dimension of ``x`` that per-channel ``scale`` / ``zero_point`` run along.
+
+    Returns:
+        int32 codes shaped like ``x``.
     """
     s = _broadcast(scale.to(torch.float32), x, ch_axis)
-    z = _broadcast(zero_point.to(torch.int32), x, ch_axis)
-    q = torch.round(x.to(torch.float32) / s).to(torch.int64) + z
-    return torch.clamp(q, qmin, qmax).to(torch.int32)
+    z = _broadcast(zero_point.to(torch.int32), x, ch_axis).to(torch.float32)
+    # clamp in float before the integer cast: casting inf or |v| >= 2**63 to int64 is undefined
+    # (it gives INT64_MIN on x86, which clamped to qmin); integers below 2**24 are exact in float32
+    q = torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax)
+    q = torch.where(torch.isnan(q), z, q)
+    return q.to(torch.int32)
 
 
 def dequantize(
@@ -212,12 +223,38 @@ def fake_quantize(
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Signal-to-quantization-noise ratio in dB: ``10 * log10(sum(x^2) / sum((x - x_hat)^2))``.
 
-    Computed in float64 over the finite entries of ``x``; ``inf`` when the two are equal, ``-inf``
-    for an all-zero signal with non-zero noise. Returns a 0-d float64 tensor.
+    Computed in float64 over the finite entries of ``x``; ``inf`` when the two are equal there (also for
+    an all-zero signal), ``-inf`` for an all-zero signal with non-zero noise. Returns a 0-d float64 tensor.
     """
     x = x.detach().to(torch.float64)
     x_hat = x_hat.detach().to(torch.float64)
     finite = torch.isfinite(x)
     signal = torch.where(finite, x, 0).square().sum()
     noise = torch.where(finite, x - x_hat, 0).square().sum()
-    return 10 * torch.log10(signal / noise)
+    db = 10 * torch.log10(signal / noise)
+    return torch.where(noise == 0, torch.full_like(db, float("inf")), db)  # 0 / 0 would be NaN
+
+
+def quantization_sqnr(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    ch_axis: int | None = None,
+) -> torch.Tensor:
+    """SQNR (dB) of ``x`` fake-quantized with the given qparams: ``sqnr(x, fake_quantize(x, ...))``.
+
+    How much of a tensor survives quantization with an observer's ``calculate_qparams()``: higher is
+    better; each extra bit of a well-chosen range adds about 6 dB.
+
+    Args:
+        x: float tensor, e.g. a layer's input activations ``(..., C)``.
+        scale, zero_point: 0-d, or ``(C,)`` with ``ch_axis`` naming the channel dimension of ``x``.
+        qmin, qmax: the integer range (``quant_range(dtype, reduce_range)`` or ``QuantSpec.qmin/qmax``).
+        ch_axis: the dimension of ``x`` that per-channel qparams run along.
+
+    Returns:
+        0-d float64 tensor (see ``sqnr`` for the ``inf`` cases).
+    """
+    return sqnr(x, fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis))
