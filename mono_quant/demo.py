@@ -52,7 +52,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))  # (B, H, T, D)
+        # (B, T, C) -> (B, H, T, D)
+        q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
@@ -108,7 +109,7 @@ class DemoTransformer(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, T, VOCAB)
 
     def example_inputs(self, num_batches: int) -> list[torch.Tensor]:
-        """``num_batches`` seeded token batches (see ``demo_batches``): what the command runs without ``--data``."""
+        """``num_batches`` seeded token batches (``demo_batches``), used by the command without ``--data``."""
         return demo_batches(num_batches)
 
 
@@ -127,7 +128,7 @@ def demo_model(seed: int = 0) -> DemoTransformer:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                for ch, gain in zip(OUTLIER_CHANNELS, OUTLIER_GAINS):
+                for ch, gain in zip(OUTLIER_CHANNELS, OUTLIER_GAINS, strict=True):
                     m.weight[ch] = gain
     return model.eval()
 

@@ -88,7 +88,8 @@ def test_sqnr_special_cases():
     assert float(sqnr(torch.zeros(4), torch.zeros(4))) == float("inf")
     assert float(sqnr(torch.zeros(4), torch.ones(4))) == float("-inf")
     # 10 dB: noise power is a tenth of the signal power
-    assert float(sqnr(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0 - math.sqrt(0.2)]))) == pytest.approx(10.0)
+    x_hat = torch.tensor([1.0, 1.0 - math.sqrt(0.2)])
+    assert float(sqnr(torch.tensor([1.0, 1.0]), x_hat)) == pytest.approx(10.0)
 
 
 def test_sqnr_per_channel_beats_per_tensor_on_outlier_channel():
@@ -97,5 +98,6 @@ def test_sqnr_per_channel_beats_per_tensor_on_outlier_channel():
     amax_t = x.abs().max()
     amax_c = x.abs().amax(0)
     per_tensor = quantization_sqnr(x, amax_t / 127, torch.tensor(0), -128, 127)
-    per_channel = quantization_sqnr(x, amax_c / 127, torch.zeros(16, dtype=torch.int32), -128, 127, ch_axis=-1)
+    zeros = torch.zeros(16, dtype=torch.int32)
+    per_channel = quantization_sqnr(x, amax_c / 127, zeros, -128, 127, ch_axis=-1)
     assert float(per_channel) > float(per_tensor)
