@@ -1,7 +1,11 @@
 """Triton kernels for mono_quant's statistics, installed as ``mono_quant.kernels``.
 
-Imports torch and triton, never mono_quant. Until the kernels land, importing this package raises
-ImportError, which ``mono_quant.ops`` reports as "the Triton backend is not available".
+Imports torch and triton, never mono_quant; importing this package raises ImportError when triton is
+missing, which ``mono_quant.ops`` reports as "the Triton backend is not available". Each public function
+has a twin with the same signature and result in ``mono_quant.reference``.
 """
 
-raise ImportError("mono_quant.kernels: the Triton kernels are not implemented yet")
+from .histogram import histogram_update_
+from .minmax import minmax_per_channel_update_, minmax_update_
+
+__all__ = ["histogram_update_", "minmax_per_channel_update_", "minmax_update_"]

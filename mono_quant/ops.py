@@ -120,18 +120,117 @@ def _impl(x: torch.Tensor, backend: str) -> ModuleType:
     return _kernels() if resolve_backend(x, backend) == "triton" else reference
 
 
-def minmax_update_(x, running_min, running_max, seen, averaging_constant=None, *, backend="auto") -> None:
-    """See ``mono_quant.reference.minmax_update_``."""
+# --- torch.compile ---------------------------------------------------------------------------------------
+# Under torch.compile each update is one registered custom op that mutates the state buffers in place and
+# has a fake (meta) implementation, so dynamo traces observers without a graph break (fullgraph=True works)
+# and the op body (this module's dispatch, then the kernels or the reference) runs as an opaque call. In
+# eager mode the public functions call the implementation directly: the custom-op dispatcher would add tens
+# of microseconds to every call.
+
+
+def _minmax_op(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    averaging_constant: float | None,
+    backend: str,
+) -> None:
     _impl(x, backend).minmax_update_(x, running_min, running_max, seen, averaging_constant)
+
+
+def _minmax_per_channel_op(
+    x: torch.Tensor,
+    ch_axis: int,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    averaging_constant: float | None,
+    backend: str,
+) -> None:
+    _impl(x, backend).minmax_per_channel_update_(
+        x, ch_axis, running_min, running_max, seen, averaging_constant
+    )
+
+
+def _histogram_op(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    exponent: torch.Tensor,
+    origin: torch.Tensor,
+    counts: torch.Tensor,
+    backend: str,
+) -> None:
+    _impl(x, backend).histogram_update_(x, running_min, running_max, seen, exponent, origin, counts)
+
+
+_SCHEMAS = {
+    "minmax_update": (
+        _minmax_op,
+        "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
+        "float? averaging_constant, str backend) -> ()",
+        ("running_min", "running_max", "seen"),
+    ),
+    "minmax_per_channel_update": (
+        _minmax_per_channel_op,
+        "(Tensor x, int ch_axis, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
+        "float? averaging_constant, str backend) -> ()",
+        ("running_min", "running_max", "seen"),
+    ),
+    "histogram_update": (
+        _histogram_op,
+        "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) exponent, "
+        "Tensor(e!) origin, Tensor(f!) counts, str backend) -> ()",
+        ("running_min", "running_max", "seen", "exponent", "origin", "counts"),
+    ),
+}
+
+
+def _register_custom_ops() -> dict:
+    """``torch.ops.mono_quant.*`` for each update, or an empty dict where this torch cannot register them."""
+    ops = {}
+    try:
+        for name, (fn, schema, mutated) in _SCHEMAS.items():
+            op = torch.library.custom_op(f"mono_quant::{name}", fn, mutates_args=mutated, schema=schema)
+            op.register_fake(lambda *args, **kwargs: None)
+            ops[name] = op
+    except (AttributeError, TypeError, RuntimeError):  # torch < 2.5: no schema= (compile then graph-breaks)
+        return {}
+    return ops
+
+
+_CUSTOM_OPS = _register_custom_ops()
+
+
+def _compiling() -> bool:
+    return bool(_CUSTOM_OPS) and torch.compiler.is_compiling()
+
+
+def minmax_update_(x, running_min, running_max, seen, averaging_constant=None, *, backend="auto") -> None:
+    """See ``mono_quant.reference.minmax_update_``; ``backend`` as in ``resolve_backend``."""
+    if _compiling():
+        _CUSTOM_OPS["minmax_update"](x, running_min, running_max, seen, averaging_constant, backend)
+        return
+    _minmax_op(x, running_min, running_max, seen, averaging_constant, backend)
 
 
 def minmax_per_channel_update_(
     x, ch_axis, running_min, running_max, seen, averaging_constant=None, *, backend="auto"
 ) -> None:
-    """See ``mono_quant.reference.minmax_per_channel_update_``."""
-    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, running_min, running_max, seen, averaging_constant)
+    """See ``mono_quant.reference.minmax_per_channel_update_``; ``backend`` as in ``resolve_backend``."""
+    if _compiling():
+        _CUSTOM_OPS["minmax_per_channel_update"](
+            x, ch_axis, running_min, running_max, seen, averaging_constant, backend
+        )
+        return
+    _minmax_per_channel_op(x, ch_axis, running_min, running_max, seen, averaging_constant, backend)
 
 
 def histogram_update_(x, running_min, running_max, seen, exponent, origin, counts, *, backend="auto") -> None:
-    """See ``mono_quant.reference.histogram_update_``."""
-    _impl(x, backend).histogram_update_(x, running_min, running_max, seen, exponent, origin, counts)
+    """See ``mono_quant.reference.histogram_update_``; ``backend`` as in ``resolve_backend``."""
+    if _compiling():
+        _CUSTOM_OPS["histogram_update"](x, running_min, running_max, seen, exponent, origin, counts, backend)
+        return
+    _histogram_op(x, running_min, running_max, seen, exponent, origin, counts, backend)

@@ -1,0 +1,298 @@
+"""Canonical-grid histogram kernels: binning fused with the min/max, grid decision and coarsening on the
+device. Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of
+``mono_quant.core.histogram`` (``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``),
+re-derived here because kernels never import mono_quant.
+
+One update is three launches and never reads a value on the host:
+
+1. ``_pass_kernel`` (fused): one read of ``x``. Each persistent program keeps the finite min/max and the
+   non-finite count (per-program partials, as in ``minmax.py``) and bins every finite value against the
+   grid currently in device memory (``exponent``, ``origin``), adding to a zeroed ``delta`` histogram.
+   Values outside the current grid are dropped there: the grid will change and step 3 redoes them.
+2. ``_finalize_kernel`` (one program): reduces the partials, merges the running min/max, updates
+   ``seen``, computes the canonical grid of the new range by testing all 253 exponents at once, and then
+   either (grid unchanged, the steady state) adds ``delta`` to ``counts``, or (grid changed) moves the old
+   counts onto the new grid (integer shifts, exact) and raises a flag.
+3. ``_pass_kernel`` (re-bin): reads the flag; when it is down every program exits before loading anything
+   (a launch and nothing else); when up, it bins all of ``x`` on the new grid straight into ``counts``.
+
+So the steady state reads ``x`` once; a batch that grows the range reads it twice.
+
+Binning strategies (``HIST_STRATEGY``): ``"tl_histogram"`` accumulates a private histogram per program
+with ``tl.histogram`` (indices clamped by hand into an extra dump bin: out-of-range behaviour differs
+across Triton versions) and adds it once per program with integer atomics; ``"atomic"`` adds every value
+with a global integer atomic. On Triton < 3.7 ``tl.histogram`` lowers to warp votes whose cost grows with
+the number of bins, so ``"atomic"`` is the default there. Counts are int64 everywhere but the per-program
+int32 accumulator (a program never holds 2**31 values).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import load_finite, max_programs, prepare_input
+
+__all__ = ["HIST_STRATEGIES", "histogram_update_"]
+
+BLOCK = 4096
+E_MIN, E_MAX = -126, 126
+HIST_STRATEGIES = ("atomic", "tl_histogram")
+
+
+def _default_strategy() -> str:
+    env = os.environ.get("MONO_QUANT_HIST_STRATEGY", "").strip().lower()
+    if env in HIST_STRATEGIES:
+        return env
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return "tl_histogram" if (major, minor) >= (3, 7) else "atomic"
+
+
+HIST_STRATEGY = _default_strategy()
+
+
+@triton.jit
+def _inv_width(e):
+    """``2**-e`` as float32, built from its bits (exact; ``e`` in ``[-126, 126]`` gives a normal float)."""
+    bits = ((127 - e).to(tl.int32)) << 23
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _floor_scaled(x, inv_w):
+    """``floor(x * inv_w)``; negatives pinned to ``<= -1`` (a tiny negative can underflow to -0.0)."""
+    q = tl.floor(x * inv_w)
+    return tl.where(x < 0, tl.minimum(q, -1.0), q)
+
+
+@triton.jit
+def _bin(x, finite, inv_w, origin, num_bins):
+    """Bin index (int64) of each float32 value and whether it is finite and inside the grid."""
+    q = _floor_scaled(x, inv_w)
+    # keep the float -> int conversion defined for values far outside the grid (and non-finite lanes)
+    q = tl.minimum(tl.maximum(q, -1.0e12), 1.0e12)
+    q = tl.where(finite, q, -1.0e12)
+    idx = q.to(tl.int64) - origin
+    inside = finite & (idx >= 0) & (idx < num_bins)
+    return idx, inside
+
+
+@triton.jit
+def _pass_kernel(
+    x_ptr,
+    pmin_ptr,
+    pmax_ptr,
+    pbad_ptr,
+    hist_ptr,
+    exp_ptr,
+    org_ptr,
+    flag_ptr,
+    n,
+    num_tiles,
+    num_bins,
+    BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    FUSED: tl.constexpr,
+    TL_HISTOGRAM: tl.constexpr,
+):
+    """Bin ``x`` on the grid in device memory; fused with the min/max partials, or gated by a flag.
+
+    x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)`` (written when ``FUSED``).
+    hist: int64 ``(num_bins,)``, added to. exp, org: int64 ``()``, the grid. flag: int32 ``(1,)``, read when
+    not ``FUSED``: 0 means nothing to do. ``NB``: a power of two above ``num_bins`` (the last bins are the
+    dump for values outside). Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BLOCK)
+    tiles = num_tiles
+    if not FUSED:
+        tiles = tl.where(tl.load(flag_ptr) != 0, num_tiles, 0)
+    origin = tl.load(org_ptr)
+    inv_w = _inv_width(tl.load(exp_ptr))
+    mn = tl.full([BLOCK], float("inf"), tl.float32)
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    local = tl.zeros([NB], tl.int32)
+    for t in range(pid, tiles, nprog):
+        offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
+        mask = offs < n
+        x, finite = load_finite(x_ptr, offs, mask, IS_FP64)
+        if FUSED:
+            mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
+            mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
+            bad += (mask & ~finite).to(tl.int32)
+        idx, inside = _bin(x, finite, inv_w, origin, num_bins)
+        if TL_HISTOGRAM:
+            local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
+        else:
+            tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside)
+    if TL_HISTOGRAM:
+        b = tl.arange(0, NB)
+        tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0))
+    if FUSED:
+        tl.store(pmin_ptr + pid, tl.min(mn, 0))
+        tl.store(pmax_ptr + pid, tl.max(mx, 0))
+        tl.store(pbad_ptr + pid, tl.sum(bad.to(tl.int64), 0))
+
+
+@triton.jit
+def _finalize_kernel(
+    pmin_ptr,
+    pmax_ptr,
+    pbad_ptr,
+    num_partials,
+    rmin_ptr,
+    rmax_ptr,
+    seen_ptr,
+    exp_ptr,
+    org_ptr,
+    counts_ptr,
+    delta_ptr,
+    flag_ptr,
+    n,
+    num_bins,
+    BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    E_LO: tl.constexpr,
+    E_HI: tl.constexpr,
+):
+    """Reduce the partials, update range and ``seen``, choose the grid, move or add the counts. Grid: (1,).
+
+    rmin, rmax: float32 ``()``; seen: int64 ``(3,)``; exp, org: int64 ``()``; counts, delta: int64
+    ``(num_bins,)`` (delta is reused as scratch when the grid changes); flag: int32 ``(1,)``, written.
+    """
+    offs = tl.arange(0, BLOCK_P)
+    m = offs < num_partials
+    mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf")), 0)
+    mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf")), 0)
+    bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0), 0)
+    mn = tl.minimum(tl.load(rmin_ptr), mn)
+    mx = tl.maximum(tl.load(rmax_ptr), mx)
+    tl.store(rmin_ptr, mn)
+    tl.store(rmax_ptr, mx)
+    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
+    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
+    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
+
+    # canonical_grid: the smallest e whose bins hold [mn, mx], not below the float32 spacing at max |x|
+    empty = ~(mn <= mx)
+    mn_s = tl.where(empty, 0.0, mn)
+    mx_s = tl.where(empty, 0.0, mx)
+    exps = E_LO + tl.arange(0, 256)
+    valid = exps <= E_HI
+    inv = _inv_width(tl.minimum(exps, E_HI))
+    span = _floor_scaled(mx_s, inv) - _floor_scaled(mn_s, inv)
+    mag = tl.maximum(tl.abs(mn_s), tl.abs(mx_s))
+    biased = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    # frexp: 0 -> exponent 0 (floor -24); subnormals are below 2**-126 (floor clamps to E_LO)
+    e_floor = tl.where(mag == 0.0, -24, tl.where(biased == 0, E_LO, biased - 150))
+    e_floor = tl.minimum(tl.maximum(e_floor, E_LO), E_HI)
+    ok = valid & (span < num_bins) & (exps >= e_floor)
+    new_e = tl.min(tl.where(ok, exps, E_HI), 0)
+    new_e = tl.where(empty, E_LO, new_e).to(tl.int64)
+    new_o = tl.where(empty, 0, _floor_scaled(mn_s, _inv_width(new_e)).to(tl.int64))
+
+    old_e = tl.load(exp_ptr)
+    old_o = tl.load(org_ptr)
+    changed = (new_e != old_e) | (new_o != old_o)
+    tl.store(flag_ptr, changed.to(tl.int32))
+    if changed:
+        # regrid: old bin j -> ((old_o + j) >> k) - new_o; stage the old counts in delta, then scatter
+        shift = tl.minimum(tl.maximum(new_e - old_e, 0), 62)
+        for j0 in range(0, num_bins, BLOCK_B):
+            j = j0 + tl.arange(0, BLOCK_B)
+            jm = j < num_bins
+            tl.store(delta_ptr + j, tl.load(counts_ptr + j, mask=jm, other=0), mask=jm)
+            tl.store(counts_ptr + j, tl.zeros([BLOCK_B], tl.int64), mask=jm)
+        tl.debug_barrier()
+        for j0 in range(0, num_bins, BLOCK_B):
+            j = j0 + tl.arange(0, BLOCK_B)
+            jm = j < num_bins
+            cnt = tl.load(delta_ptr + j, mask=jm, other=0)
+            dest = ((old_o + j) >> shift) - new_o
+            dest = tl.minimum(tl.maximum(dest, 0), num_bins - 1)
+            tl.atomic_add(counts_ptr + dest, cnt, mask=jm & (cnt != 0))
+        tl.store(exp_ptr, new_e)
+        tl.store(org_ptr, new_o)
+    else:
+        for j0 in range(0, num_bins, BLOCK_B):
+            j = j0 + tl.arange(0, BLOCK_B)
+            jm = j < num_bins
+            add = tl.load(delta_ptr + j, mask=jm, other=0)
+            tl.store(counts_ptr + j, tl.load(counts_ptr + j, mask=jm, other=0) + add, mask=jm)
+
+
+def _check_state(running_min, running_max, seen, exponent, origin, counts) -> None:
+    for name, t, dtype, shape in (
+        ("running_min", running_min, torch.float32, ()),
+        ("running_max", running_max, torch.float32, ()),
+        ("seen", seen, torch.int64, (3,)),
+        ("exponent", exponent, torch.int64, ()),
+        ("origin", origin, torch.int64, ()),
+    ):
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if counts.dtype != torch.int64 or counts.dim() != 1 or not counts.is_contiguous():
+        raise ValueError(
+            f"counts must be a contiguous 1-D int64 tensor, got {counts.dtype} {tuple(counts.shape)}"
+        )
+
+
+def histogram_update_(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    exponent: torch.Tensor,
+    origin: torch.Tensor,
+    counts: torch.Tensor,
+    strategy: str | None = None,
+) -> None:
+    """Add the finite values of ``x`` to a canonical-grid histogram, in place (see the reference twin).
+
+    Args:
+        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
+        exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
+        strategy: ``"atomic"`` or ``"tl_histogram"`` (default ``HIST_STRATEGY``); same result either way.
+
+    Raises:
+        TypeError: unsupported dtype. ValueError: bad state buffers or strategy.
+    """
+    strategy = strategy or HIST_STRATEGY
+    if strategy not in HIST_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {HIST_STRATEGIES}")
+    _check_state(running_min, running_max, seen, exponent, origin, counts)
+    x = prepare_input(x)
+    n = x.numel()
+    num_bins = counts.shape[0]
+    num_tiles = triton.cdiv(n, BLOCK)
+    programs = min(num_tiles, max_programs(x))
+    pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
+    pbad = torch.empty(programs + 1, dtype=torch.int64, device=x.device)
+    flag = pbad[programs:].view(torch.int32)  # 2 int32 words; the first is the flag
+    delta = torch.zeros(num_bins, dtype=torch.int64, device=x.device)
+    meta = dict(
+        BLOCK=BLOCK,
+        NB=triton.next_power_of_2(num_bins + 1),
+        IS_FP64=x.dtype == torch.float64,
+        TL_HISTOGRAM=strategy == "tl_histogram",
+        num_warps=8,
+    )
+    grid = (programs,)
+    pmax = pmin[programs:]
+    _pass_kernel[grid](
+        x, pmin, pmax, pbad, delta, exponent, origin, flag, n, num_tiles, num_bins, FUSED=True, **meta
+    )
+    _finalize_kernel[(1,)](
+        pmin, pmax, pbad, programs, running_min, running_max, seen, exponent, origin, counts, delta, flag,
+        n, num_bins, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=1024, E_LO=E_MIN, E_HI=E_MAX,
+        num_warps=4,
+    )  # fmt: skip
+    _pass_kernel[grid](
+        x, pmin, pmax, pbad, counts, exponent, origin, flag, n, num_tiles, num_bins, FUSED=False, **meta
+    )
