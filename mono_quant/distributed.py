@@ -120,7 +120,7 @@ def _descriptor(entries: _Entries) -> int:
 
 
 def _check_layouts(entries: _Entries, reduce: _Reduce, sources: list[_Entries], device) -> list[int]:
-    """Checks that every source holds the same observers; returns each observer's channel count (1 per tensor).
+    """Check that every source holds the same observers; return each one's channel count (1 per tensor).
 
     Raises:
         ValueError: the sources hold different numbers, types or settings of observers, or a per-channel
@@ -130,7 +130,7 @@ def _check_layouts(entries: _Entries, reduce: _Reduce, sources: list[_Entries], 
     for src in sources:
         n, crc = len(src), _descriptor(src)
         bufs.append(torch.tensor([n, -n, crc, -crc], dtype=torch.int64, device=device))
-    n_max, n_min, crc_max, crc_min = (int(v) for v in reduce("max", bufs))
+    n_max, n_min, crc_max, crc_min = reduce("max", bufs).tolist()
     n_min, crc_min = -n_min, -crc_min
     if n_max != n_min:
         raise ValueError(
@@ -174,7 +174,7 @@ def _padded(t: torch.Tensor, size: int, fill: float, device) -> torch.Tensor:
 def _pack_range(src: _Entries, channels: list[int], device) -> torch.Tensor:
     """float32: the mins of the min/max and histogram observers, then their negated maxes (reduced by MIN)."""
     mins, neg_maxs = [], []
-    for (_, obs), c in zip(src, channels):
+    for (_, obs), c in zip(src, channels, strict=True):
         if not _is_ema(obs):
             mins.append(_padded(obs.running_min, c, float("inf"), device))
             neg_maxs.append(-_padded(obs.running_max, c, float("-inf"), device))
@@ -217,7 +217,7 @@ def _pack_sums(src: _Entries, grids: dict[int, tuple], device) -> torch.Tensor:
 def _pack_ema(src: _Entries, channels: list[int], device) -> torch.Tensor:
     """float64: per moving-average observer ``[w * min, w * max, w]`` with ``w = seen[2]`` where finite."""
     parts = []
-    for (_, obs), c in zip(src, channels):
+    for (_, obs), c in zip(src, channels, strict=True):
         if not _is_ema(obs):
             continue
         mn = _padded(obs.running_min, c, float("inf"), device).to(torch.float64)
@@ -231,7 +231,7 @@ def _pack_ema(src: _Entries, channels: list[int], device) -> torch.Tensor:
 
 def _store_ema(entries: _Entries, channels: list[int], reduced: torch.Tensor) -> None:
     offset = 0
-    for (_, obs), c in zip(entries, channels):
+    for (_, obs), c in zip(entries, channels, strict=True):
         if not _is_ema(obs):
             continue
         num_min, num_max, w = reduced[offset : offset + 3 * c].reshape(3, c)
@@ -240,8 +240,9 @@ def _store_ema(entries: _Entries, channels: list[int], reduced: torch.Tensor) ->
         safe_w = torch.where(has, w, 1.0)
         mn = torch.where(has, num_min / safe_w, float("inf")).to(torch.float32)
         mx = torch.where(has, num_max / safe_w, float("-inf")).to(torch.float32)
-        _set(obs, "running_min", mn.reshape(obs.running_min.shape if not _per_channel(obs) else (c,)))
-        _set(obs, "running_max", mx.reshape(obs.running_max.shape if not _per_channel(obs) else (c,)))
+        shape = (c,) if _per_channel(obs) else ()
+        _set(obs, "running_min", mn.reshape(shape))
+        _set(obs, "running_max", mx.reshape(shape))
 
 
 def _set(obs: ObserverBase, name: str, value: torch.Tensor) -> None:
