@@ -1,0 +1,114 @@
+"""Histogram kernels (``mono_quant.kernels.histogram``) against the reference, under the interpreter.
+
+Everything is compared exactly: running min/max, ``seen``, the grid (exponent, origin) and the int64
+counts, after every batch, for both binning strategies. Batches grow the range left, right and both,
+mix in NaN/+-Inf, hold only non-finite values, tiny (subnormal) values, or stay inside the grid (the
+steady state, where the grid must not move).
+"""
+
+import pytest
+import torch
+
+import mono_quant
+from mono_quant import reference
+from mono_quant.core.histogram import E_MIN, internal_bins
+
+kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+from mono_quant.kernels import histogram as khist  # noqa: E402
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+NAMES = ("running_min", "running_max", "seen", "exponent", "origin", "counts")
+
+
+def fresh(bins):
+    return [
+        torch.tensor(float("inf")),
+        torch.tensor(float("-inf")),
+        torch.zeros(3, dtype=torch.int64),
+        torch.tensor(E_MIN, dtype=torch.int64),
+        torch.zeros((), dtype=torch.int64),
+        torch.zeros(internal_bins(bins), dtype=torch.int64),
+    ]
+
+
+def check_sequence(seq, bins, dtype, strategy):
+    got, want = fresh(bins), fresh(bins)
+    for i, x in enumerate(seq):
+        x = x.to(dtype)
+        khist.histogram_update_(x, *got, strategy=strategy)
+        reference.histogram_update_(x, *want)
+        for name, g, w in zip(NAMES, got, want, strict=True):
+            assert torch.equal(g, w), f"batch {i}, {name}: {g} != {w}"
+    return got
+
+
+def growing(n):
+    """Batches that start the grid, grow it right, left, both, then a steady one inside it."""
+    base = torch.randn(n)
+    if n > 3:
+        base[::5] = float("nan")
+        base[2] = float("-inf")
+    return [base, torch.rand(n) * 3 + 2, -torch.rand(n) * 7 - 1, torch.randn(n) * 40, torch.randn(n)]
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, khist.BLOCK + 1])
+def test_growing_range(strategy, dtype, n):
+    check_sequence(growing(n), 64, dtype, strategy)
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("bins", [1, 2048])
+def test_sizes_and_bins(strategy, bins):
+    seq = [torch.randn(khist.BLOCK - 1), torch.randn(khist.BLOCK) * 3, torch.randn(2 * khist.BLOCK + 3) - 5]
+    check_sequence(seq, bins, torch.float32, strategy)
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+def test_large_batch_then_steady_state(strategy):
+    x = torch.randn(150_001) * 3
+    state = check_sequence([x, x[:9000] * 0.5], 256, torch.bfloat16, strategy)
+    assert int(state[5].sum()) == 150_001 + 9000
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+def test_special_values(strategy):
+    """Nothing finite, zeros only, subnormals (the negative-underflow fix), huge magnitudes."""
+    seq = [
+        torch.full((4,), float("nan")),
+        torch.zeros(3),
+        torch.tensor([1e-40, -1e-42, 0.0, -0.0]),
+        torch.tensor([1.0e6, 1.0e6 + 0.0625, float("inf")]),
+        torch.tensor([-3.0e38, 3.0e38]),
+    ]
+    got = check_sequence(seq, 16, torch.float32, strategy)
+    assert got[2].tolist() == [3 + 4 + 2 + 2, 4 + 1, 5]
+
+
+def test_steady_state_keeps_grid():
+    got = fresh(128)
+    khist.histogram_update_(torch.linspace(-4, 4, 1001), *got)
+    grid = (got[3].clone(), got[4].clone())
+    khist.histogram_update_(torch.linspace(-3, 3, 999), *got)
+    assert torch.equal(got[3], grid[0]) and torch.equal(got[4], grid[1])
+    assert int(got[5].sum()) == 2000
+
+
+@pytest.mark.parametrize("method", ["kl", "percentile"])
+def test_observer_triton_equal_torch(method):
+    kw = {"bins": 128, "method": method}
+    tri = mono_quant.HistogramObserver(backend="triton", **kw)
+    ref = mono_quant.HistogramObserver(backend="torch", **kw)
+    for x in (torch.randn(2, 300), torch.empty(0), torch.randn(4, 50) * 3 - 1, torch.rand(999)):
+        tri(x)
+        ref(x)
+    for (name, g), (_, w) in zip(tri.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(g, w), name
+    for g, w in zip(tri.calculate_qparams(), ref.calculate_qparams(), strict=True):
+        assert torch.equal(g, w)
