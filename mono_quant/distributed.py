@@ -15,9 +15,10 @@ Merge rules, per buffer (``seen`` is int64 ``(3,)``: finite values, non-finite v
   (``regrid``) and the counts are summed. Exact: the grid, the counts and so the qparams of every method are
   those of one process that saw all the data (see ``mono_quant.core.histogram``).
 - moving-average observers: no exact merge exists, as an EMA depends on the order of the batches. The merged
-  value, per channel, is the mean of the sources' EMAs weighted by the batches each observed (``seen[2]``),
-  over the sources that saw a finite value there (the others are left out; if none did it stays
-  ``+inf``/``-inf``), computed in float64 and rounded to float32 once::
+  value, per channel, is the mean of the sources' EMAs weighted by the batches each observed (``seen[2]``,
+  which counts every non-empty batch, also one with no finite value), over the sources that saw a finite
+  value there (the others are left out; if none did it stays ``+inf``/``-inf``), computed in float64 and
+  rounded to float32 once::
 
       merged = sum_r(seen_r[2] * ema_r) / sum_r(seen_r[2])
 
