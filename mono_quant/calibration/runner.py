@@ -222,8 +222,10 @@ def run_calibration(
         iterator = tqdm(iterator, total=total, desc="calibrating", unit="batch")
 
     was_training = model.training
-    handles = [m.register_forward_pre_hook(hook_for(obs), with_kwargs=True)
-               for obs, (_, m) in zip(result.observers.values(), targets)]
+    handles = [
+        m.register_forward_pre_hook(hook_for(obs), with_kwargs=True)
+        for obs, (_, m) in zip(result.observers.values(), targets)
+    ]
     try:
         model.eval()
         with torch.no_grad():

@@ -117,7 +117,7 @@ def regrid(
     new_exponent: torch.Tensor,
     new_origin: torch.Tensor,
 ) -> torch.Tensor:
-    """Counts on grid ``(exponent, origin)`` moved to the coarser or equal grid ``(new_exponent, new_origin)``.
+    """Counts on grid ``(exponent, origin)`` moved to a coarser or equal grid ``(new_exponent, new_origin)``.
 
     Exact (integer shifts). The new grid must cover the old data, which ``canonical_grid`` of a containing
     range guarantees; indices are clamped only so that empty bins of an empty state stay in range.
@@ -220,8 +220,10 @@ def kl_divergences(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nq: i
     p_lo = h_lo + out_lo + torch.where(single, out_hi, 0)
     p_last = h_last + out_hi
     sum_p_logp = (
-        chl[hi] - chl[lo]
-        - _xlogx(h_lo) + _xlogx(p_lo)
+        chl[hi]
+        - chl[lo]
+        - _xlogx(h_lo)
+        + _xlogx(p_lo)
         + torch.where(single, 0, _xlogx(p_last) - _xlogx(h_last))
     )
 
@@ -316,6 +318,28 @@ def last_argmin(score: torch.Tensor) -> int:
     return score.shape[0] - 1 - int(torch.argmin(score.flip(0)))
 
 
+def _coarsen_to_reach_zero(
+    counts: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same histogram on a grid where zero lies at most ``B`` bins from the far end of the data.
+
+    The quantized range always holds zero, so the search spans ``[min(lo, 0), max(hi, 0)]``; for data far
+    from zero (``[1000, 1001]``) that is millions of fine bins. Coarsening by ``2**k`` (exact) bounds the
+    search by ``B`` bins from zero, like TensorRT's bins over ``[0, amax]``.
+    """
+    num_bins = counts.shape[0]
+    occupied = torch.nonzero(counts).flatten()
+    g_lo, g_hi = int(origin) + int(occupied[0]), int(origin) + int(occupied[-1]) + 1
+    reach = max(-min(g_lo, 0), max(g_hi, 0))
+    shift = 0
+    while -(-reach >> shift) > num_bins:  # ceil(reach / 2**shift)
+        shift += 1
+    if shift == 0:
+        return counts, exponent, origin
+    new_e, new_o = exponent + shift, torch.bitwise_right_shift(origin, shift)
+    return regrid(counts, exponent, origin, new_e, new_o), new_e, new_o
+
+
 def search_range(
     counts: torch.Tensor,
     exponent: torch.Tensor,
@@ -338,6 +362,7 @@ def search_range(
         ``(lo, hi)`` as Python floats (exact in float32), ``lo <= 0 <= hi``. The caller clips it to the
         observed min/max.
     """
+    counts, exponent, origin = _coarsen_to_reach_zero(counts, exponent, origin)
     w = 2.0 ** int(exponent)
     org = int(origin)
     device = counts.device

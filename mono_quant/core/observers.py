@@ -130,12 +130,23 @@ class ObserverBase(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         if self.ch_axis is None:
             ops.minmax_update_(
-                x, self.running_min, self.running_max, self.seen, self.averaging_constant, backend=self.backend
+                x,
+                self.running_min,
+                self.running_max,
+                self.seen,
+                self.averaging_constant,
+                backend=self.backend,
             )
             return
         axis = self._channel_axis(x)
         ops.minmax_per_channel_update_(
-            x, axis, self.running_min, self.running_max, self.seen, self.averaging_constant, backend=self.backend
+            x,
+            axis,
+            self.running_min,
+            self.running_max,
+            self.seen,
+            self.averaging_constant,
+            backend=self.backend,
         )
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +157,8 @@ class ObserverBase(nn.Module):
         finite, nonfinite, _ = (int(v) for v in self.seen)
         if finite == 0 and nonfinite == 0:
             raise RuntimeError(
-                f"{type(self).__name__} has observed no data yet; call it on tensors before calculate_qparams()"
+                f"{type(self).__name__} has observed no data yet; "
+                "call it on tensors before calculate_qparams()"
             )
         if finite == 0:
             raise RuntimeError(
@@ -166,7 +178,8 @@ class ObserverBase(nn.Module):
             self.running_max.resize_(channels).fill_(float("-inf"))
         elif self.running_min.numel() != channels:
             raise ValueError(
-                f"{type(self).__name__} has {self.running_min.numel()} channels along ch_axis={self.ch_axis}, "
+                f"{type(self).__name__} has {self.running_min.numel()} channels "
+                f"along ch_axis={self.ch_axis}, "
                 f"got a tensor of shape {tuple(x.shape)} with {channels}; reset() it to observe another layer"
             )
         return axis
@@ -299,7 +312,11 @@ class HistogramObserver(ObserverBase):
             raise ValueError(f"bins={bins!r} must be a positive int")
         if method not in HISTOGRAM_METHODS:
             raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, HISTOGRAM_METHODS))}")
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        if (
+            isinstance(percentile, bool)
+            or not isinstance(percentile, (int, float))
+            or not 0 < percentile <= 100
+        ):
             raise ValueError(f"percentile={percentile!r} must be a number in (0, 100]")
         super().__init__(**kwargs)
         self.bins = bins
@@ -356,8 +373,12 @@ class HistogramObserver(ObserverBase):
             percentile=self.percentile,
         )
         # the search works on bin edges; never quantize beyond what was seen
-        lo = torch.maximum(torch.tensor(lo, dtype=torch.float32, device=self.running_min.device), self.running_min)
-        hi = torch.minimum(torch.tensor(hi, dtype=torch.float32, device=self.running_max.device), self.running_max)
+        lo = torch.maximum(
+            torch.tensor(lo, dtype=torch.float32, device=self.running_min.device), self.running_min
+        )
+        hi = torch.minimum(
+            torch.tensor(hi, dtype=torch.float32, device=self.running_max.device), self.running_max
+        )
         return lo, hi
 
     def extra_repr(self) -> str:

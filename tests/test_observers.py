@@ -1,0 +1,348 @@
+"""Observers on the torch path: interface, torch.ao parity, bad input, dtypes, module state."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import mono_quant
+from mono_quant import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+)
+
+ALL = [
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    HistogramObserver,
+    PerChannelMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+]
+PER_CHANNEL = (PerChannelMinMaxObserver, MovingAveragePerChannelMinMaxObserver)
+# (dtype, atol) of the statistics against the float32 values of the same tensor: exact
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _make(cls, **kw):
+    return cls(backend="torch", **kw)
+
+
+def _ao():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.ao.quantization import observer
+        except ImportError:
+            pytest.skip("torch.ao.quantization is not importable in this torch build")
+    return observer
+
+
+# --- the interface ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_forward_returns_its_input_and_state_appears(cls):
+    obs = _make(cls)
+    assert obs.min_val is None and obs.max_val is None
+    x = torch.randn(4, 8)
+    assert obs(x) is x
+    assert obs.min_val is not None and obs.max_val is not None
+    want_shape = (8,) if False else ((4,) if cls in PER_CHANNEL else ())
+    assert tuple(obs.min_val.shape) == want_shape
+    scale, zp = obs.calculate_qparams()
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int32
+    assert tuple(scale.shape) == want_shape and tuple(zp.shape) == want_shape
+    obs.reset()
+    assert obs.min_val is None and obs.max_val is None
+    with pytest.raises(RuntimeError, match="no data"):
+        obs.calculate_qparams()
+
+
+def test_exported_names():
+    for name in [c.__name__ for c in ALL] + ["create_observer", "run_calibration", "merge_histograms"]:
+        assert name in mono_quant.__all__ and hasattr(mono_quant, name)
+        assert hasattr(mono_quant.core, name) or name in ("create_observer", "run_calibration")
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_nothing_observed_raises(cls):
+    with pytest.raises(RuntimeError, match="no data"):
+        _make(cls).calculate_qparams()
+
+
+# --- parity with torch.ao on the same data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qscheme", ["affine", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.quint8])
+def test_minmax_and_moving_average_match_torch_ao(qscheme, dtype):
+    ao = _ao()
+    ao_q = torch.per_tensor_affine if qscheme == "affine" else torch.per_tensor_symmetric
+    pairs = [
+        (
+            MinMaxObserver(dtype=dtype, qscheme=qscheme, backend="torch"),
+            ao.MinMaxObserver(dtype=dtype, qscheme=ao_q),
+        ),
+        (
+            MovingAverageMinMaxObserver(0.1, dtype=dtype, qscheme=qscheme, backend="torch"),
+            ao.MovingAverageMinMaxObserver(0.1, dtype=dtype, qscheme=ao_q),
+        ),
+    ]
+    batches = [torch.randn(17, 33) * (1 + i) + i for i in range(5)]
+    for ours, theirs in pairs:
+        for b in batches:
+            ours(b)
+            theirs(b)
+        assert torch.equal(ours.min_val, theirs.min_val) and torch.equal(ours.max_val, theirs.max_val)
+        s, z = ours.calculate_qparams()
+        ts, tz = theirs.calculate_qparams()
+        assert torch.equal(s, ts.reshape(())) and int(z) == int(tz)
+
+
+@pytest.mark.parametrize("ch_axis", [0, 1, -1])
+def test_per_channel_matches_torch_ao(ch_axis):
+    ao = _ao()
+    pairs = [
+        (
+            PerChannelMinMaxObserver(ch_axis=ch_axis, backend="torch"),
+            ao.PerChannelMinMaxObserver(ch_axis=ch_axis, dtype=torch.qint8),
+        ),
+        (
+            MovingAveragePerChannelMinMaxObserver(0.2, ch_axis=ch_axis, backend="torch"),
+            ao.MovingAveragePerChannelMinMaxObserver(0.2, ch_axis=ch_axis, dtype=torch.qint8),
+        ),
+    ]
+    batches = [torch.randn(6, 5, 7) * (i + 1) for i in range(4)]
+    for ours, theirs in pairs:
+        for b in batches:
+            ours(b)
+            theirs(b)
+        assert torch.equal(ours.min_val, theirs.min_val) and torch.equal(ours.max_val, theirs.max_val)
+        s, z = ours.calculate_qparams()
+        ts, tz = theirs.calculate_qparams()
+        assert torch.equal(s, ts) and torch.equal(z, tz.to(torch.int32))
+
+
+def test_moving_average_update_rule():
+    obs = _make(MovingAverageMinMaxObserver, averaging_constant=0.25)
+    obs(torch.tensor([-1.0, 2.0]))
+    assert float(obs.min_val) == -1.0 and float(obs.max_val) == 2.0  # the first batch sets the range
+    obs(torch.tensor([-5.0, 10.0]))
+    assert float(obs.min_val) == pytest.approx(0.75 * -1 + 0.25 * -5)
+    assert float(obs.max_val) == pytest.approx(0.75 * 2 + 0.25 * 10)
+
+
+@pytest.mark.parametrize("c", [0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_bad_averaging_constant(c):
+    with pytest.raises(ValueError, match="averaging_constant"):
+        MovingAverageMinMaxObserver(averaging_constant=c)
+    with pytest.raises(ValueError, match="averaging_constant"):
+        MovingAveragePerChannelMinMaxObserver(averaging_constant=c)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.complex64, torch.uint8])
+def test_non_float_inputs_raise_type_error(cls, dtype):
+    x = torch.zeros(4, dtype=dtype)
+    with pytest.raises(TypeError, match=str(dtype)):
+        _make(cls)(x)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_empty_tensor_is_a_no_op(cls):
+    obs = _make(cls)
+    x = torch.empty(0, 3)
+    assert obs(x) is x
+    assert obs.min_val is None and int(obs.seen.sum()) == 0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_nan_and_inf_are_excluded_and_counted(cls):
+    obs = _make(cls)
+    x = torch.randn(4, 50)
+    clean = obs_clean = _make(cls)
+    obs_clean(x.clone())
+    x[0, 3], x[1, 7], x[2, 9] = float("nan"), float("inf"), float("-inf")
+    clean_vals = x.clone()
+    clean_vals[0, 3], clean_vals[1, 7], clean_vals[2, 9] = x[0, 4], x[1, 8], x[2, 10]
+    obs(x)
+    ref = _make(cls)
+    ref(clean_vals)
+    assert obs.nonfinite_count == 3
+    assert int(obs.seen[0]) == x.numel() - 3
+    assert torch.equal(obs.min_val, ref.min_val) and torch.equal(obs.max_val, ref.max_val)
+    assert all(torch.isfinite(t).all() for t in obs.calculate_qparams())
+    del clean
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_nothing_finite_raises_with_the_reason(cls):
+    obs = _make(cls)
+    obs(torch.full((3, 4), float("nan")))
+    obs(torch.full((3, 4), float("inf")))
+    assert obs.nonfinite_count == 24
+    with pytest.raises(RuntimeError, match="none was finite"):
+        obs.calculate_qparams()
+
+
+def test_all_nan_batch_does_not_disturb_the_moving_average():
+    obs = _make(MovingAverageMinMaxObserver, averaging_constant=0.5)
+    obs(torch.tensor([float("nan")]))  # nothing finite yet: the next batch still starts the average
+    obs(torch.tensor([-2.0, 4.0]))
+    obs(torch.tensor([float("nan"), float("inf")]))
+    assert float(obs.min_val) == -2.0 and float(obs.max_val) == 4.0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_float32_limit_gives_finite_scale(cls):
+    obs = _make(cls)
+    big = torch.finfo(torch.float32).max
+    obs(torch.tensor([[-big, big], [1.0, -1.0]]))
+    scale, zp = obs.calculate_qparams()
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+
+def test_per_channel_errors():
+    obs = _make(PerChannelMinMaxObserver, ch_axis=2)
+    with pytest.raises(ValueError, match="ch_axis=2"):
+        obs(torch.randn(3, 4))
+    obs = _make(PerChannelMinMaxObserver, ch_axis=0)
+    obs(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="3 channels"):
+        obs(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="ch_axis"):
+        PerChannelMinMaxObserver(ch_axis=1.5)
+
+
+@pytest.mark.parametrize("bins", [0, -3, 2.5, True, "64"])
+def test_bad_histogram_settings(bins):
+    with pytest.raises(ValueError, match="bins"):
+        HistogramObserver(bins=bins)
+    with pytest.raises(ValueError, match="method"):
+        HistogramObserver(method="entropy")
+    with pytest.raises(ValueError, match="percentile"):
+        HistogramObserver(method="percentile", percentile=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_bad_backend_and_triton_on_cpu(cls, monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        cls(backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    obs = cls(backend="triton")
+    with pytest.raises((RuntimeError, NotImplementedError), match="triton"):
+        obs(torch.randn(4, 4))
+
+
+# --- dtypes, shapes, layouts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (7, 13), (3, 5, 1023), (2, 3, 4, 5)])
+def test_half_precision_inputs_give_the_float32_statistics(cls, dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype)
+    a, b = _make(cls), _make(cls)
+    a(x)
+    b(x.float())
+    assert a.min_val.dtype == torch.float32
+    assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+    if isinstance(a, HistogramObserver):
+        assert torch.equal(a.counts, b.counts) and int(a.exponent) == int(b.exponent)
+    for u, v in zip(a.calculate_qparams(), b.calculate_qparams()):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_non_contiguous_input(cls):
+    base = torch.randn(8, 10, 6)
+    x = base.transpose(0, 2)[:, ::2]
+    assert not x.is_contiguous()
+    a, b = _make(cls), _make(cls)
+    a(x)
+    b(x.contiguous())
+    assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+    if isinstance(a, HistogramObserver):
+        assert torch.equal(a.counts, b.counts)
+
+
+def test_float64_input_uses_its_float32_values():
+    x = torch.randn(1000, dtype=torch.float64)
+    a, b = _make(HistogramObserver), _make(HistogramObserver)
+    a(x)
+    b(x.float())
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.min_val, b.min_val)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_large_input(cls):
+    x = torch.randn(3_000_003)  # not a multiple of anything; crosses the reference's chunk size
+    x[12345] = float("nan")
+    obs = _make(cls)
+    obs(x.reshape(-1, 3) if cls in PER_CHANNEL else x)
+    assert obs.nonfinite_count == 1
+    if isinstance(obs, HistogramObserver):
+        assert int(obs.counts.sum()) == x.numel() - 1
+
+
+# --- module state -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("observed", [False, True])
+def test_state_dict_round_trip(cls, observed):
+    obs = _make(cls)
+    if observed:
+        obs(torch.randn(6, 9))
+        obs(torch.randn(6, 9) * 2)
+    fresh = _make(cls)
+    fresh.load_state_dict(copy.deepcopy(obs.state_dict()))
+    for name, buf in obs.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buf), name
+    if observed:
+        for u, v in zip(obs.calculate_qparams(), fresh.calculate_qparams()):
+            assert torch.equal(u, v)
+        # and calibration continues from the loaded state
+        more = torch.randn(6, 9) * 5
+        obs(more)
+        fresh(more)
+        assert torch.equal(obs.min_val, fresh.min_val)
+    else:
+        assert fresh.min_val is None
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_half_and_double_keep_statistics_float32(cls):
+    obs = _make(cls)
+    obs(torch.randn(4, 4) * 1e-3 + 1.0001)
+    before = {k: v.clone() for k, v in obs.state_dict().items()}
+    obs.half()
+    obs.double()
+    for k, v in obs.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    obs.to("cpu")
+    assert obs.running_min.dtype == torch.float32
+
+
+def test_extra_repr_shows_the_configuration():
+    r = repr(HistogramObserver(bins=512, method="percentile", percentile=99.9, dtype=torch.quint8))
+    assert "bins=512" in r and "percentile=99.9" in r and "torch.quint8" in r
+    r = repr(MovingAveragePerChannelMinMaxObserver(0.05, ch_axis=1, qscheme="symmetric"))
+    assert "averaging_constant=0.05" in r and "ch_axis=1" in r and "'symmetric'" in r
+
+
+def test_histogram_exposes_counts_and_edges():
+    obs = HistogramObserver(bins=100, backend="torch")
+    assert obs.bins == 100 and obs.histogram_counts is None and obs.bin_edges is None
+    x = torch.rand(1000) * 4 - 1
+    obs(x)
+    assert len(obs.bin_edges) == len(obs.histogram_counts) + 1
+    assert int(obs.histogram_counts.sum()) == 1000
+    assert float(obs.min_val) == float(x.min()) and float(obs.max_val) == float(x.max())
