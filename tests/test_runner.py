@@ -1,0 +1,152 @@
+"""The factory and the calibration runner."""
+
+import pytest
+import torch
+from torch import nn
+
+from mono_quant import (
+    ExperimentalWarning,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+    create_observer,
+    run_calibration,
+)
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("minmax", MinMaxObserver),
+        ("MinMaxObserver", MinMaxObserver),
+        ("min_max", MinMaxObserver),
+        ("moving-average", MovingAverageMinMaxObserver),
+        ("MovingAverageMinMax", MovingAverageMinMaxObserver),
+        ("EMA", MovingAverageMinMaxObserver),
+        ("histogram", HistogramObserver),
+        ("HistogramObserver", HistogramObserver),
+        ("kl", HistogramObserver),
+        ("per_channel_minmax", PerChannelMinMaxObserver),
+        ("moving_average_per_channel_minmax", MovingAveragePerChannelMinMaxObserver),
+    ],
+)
+def test_factory_names(name, cls):
+    assert type(create_observer(name)) is cls
+
+
+def test_factory_passes_keywords():
+    assert create_observer("histogram", bins=1024).bins == 1024
+    assert create_observer("ema", averaging_constant=0.5).averaging_constant == 0.5
+    assert create_observer("perchannelminmax", ch_axis=1).ch_axis == 1
+    assert create_observer("minmax", dtype=torch.quint8).dtype == torch.quint8
+    with pytest.raises(ValueError, match="bins"):
+        create_observer("histogram", bins=-1)
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid names:.*histogram.*minmax"):
+        create_observer("entropy")
+
+
+@pytest.mark.parametrize(
+    "kwargs, cls",
+    [
+        ({}, MinMaxObserver),
+        ({"averaging_constant": 0.1}, MovingAverageMinMaxObserver),
+        ({"bins": 256}, HistogramObserver),
+        ({"method": "mse"}, HistogramObserver),
+    ],
+)
+def test_auto_is_experimental_and_picks_by_keywords(kwargs, cls):
+    with pytest.warns(ExperimentalWarning, match="experimental"):
+        obs = create_observer("auto", **kwargs)
+    assert type(obs) is cls
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x, scale=1.0):
+        x = self.act(self.conv(x))
+        return self.fc2(self.act(self.fc1(x.flatten(1)))) * scale
+
+
+def _data(n=4):
+    return [torch.randn(2, 3, 8, 8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram", "ema", "per_channel_minmax"])
+def test_runner_observes_each_layer_input(observer):
+    model = TinyNet().train()
+    data = _data()
+    kwargs = {"ch_axis": 1} if observer == "per_channel_minmax" else {}
+    result = run_calibration(model, data, observer, observer_kwargs=kwargs, progress=False)
+    assert list(result) == ["conv", "fc1", "fc2"]
+    assert result.batches == 4
+    assert model.training  # restored
+    assert not model.conv._forward_pre_hooks and not model.fc2._forward_pre_hooks
+    qparams = result.qparams()
+    assert set(qparams) == {"conv", "fc1", "fc2"}
+    if observer == "minmax":
+        inputs = torch.cat([d.flatten() for d in data])
+        assert float(result["conv"].min_val) == float(inputs.min())
+        assert float(result["conv"].max_val) == float(inputs.max())
+        assert float(result["fc1"].min_val) >= 0.0  # after a ReLU
+
+
+def test_runner_accepts_tuples_dicts_and_limits():
+    model = TinyNet()
+    batches = [(torch.randn(1, 3, 8, 8), 2.0), {"x": torch.randn(1, 3, 8, 8), "scale": 0.5}]
+    result = run_calibration(model, batches * 3, MinMaxObserver, max_batches=5, progress=False)
+    assert result.batches == 5
+    assert int(result["conv"].seen[2]) == 5
+
+
+def test_runner_removes_hooks_and_restores_mode_when_the_model_raises():
+    model = TinyNet().train()
+
+    def data():
+        yield torch.randn(1, 3, 8, 8)
+        yield torch.randn(1, 5, 8, 8)  # wrong channel count: the conv raises
+
+    with pytest.raises(RuntimeError):
+        run_calibration(model, data(), progress=False)
+    assert model.training
+    for m in model.modules():
+        assert not m._forward_pre_hooks
+
+
+def test_runner_grad_is_off_and_model_runs_in_eval():
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            seen["grad"] = torch.is_grad_enabled()
+            seen["training"] = self.training
+            return self.fc(x)
+
+    run_calibration(Probe().train(), [torch.randn(2, 3)], progress=False)
+    assert seen == {"grad": False, "training": False}
+
+
+def test_runner_without_matching_modules():
+    with pytest.raises(ValueError, match="no module of type"):
+        run_calibration(nn.Sequential(nn.ReLU()), [torch.randn(2)], progress=False)
+
+
+def test_runner_progress_bar(capsys):
+    run_calibration(TinyNet(), _data(12), progress=True)
+    assert "calibrating" in capsys.readouterr().err
+    run_calibration(TinyNet(), _data(12), progress=False)
+    assert "calibrating" not in capsys.readouterr().err
