@@ -1,0 +1,140 @@
+"""Compiled kernels on a real CUDA device (marked ``gpu``: skipped without one; see benchmarks/gpu_check.sh).
+
+The interpreter comparisons again on CUDA, plus what only a GPU shows: offsets beyond 2**31 elements, no
+host synchronization in ``forward`` (``torch.cuda.set_sync_debug_mode("error")``), CUDA-graph capture and
+replay, and ``torch.compile(fullgraph=True)`` with inductor.
+"""
+
+import pytest
+import torch
+
+import mono_quant
+
+pytestmark = pytest.mark.gpu
+
+kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+from mono_quant.kernels import histogram as khist  # noqa: E402
+
+DEV = "cuda"
+
+OBSERVERS = [
+    (mono_quant.MinMaxObserver, {}),
+    (mono_quant.MovingAverageMinMaxObserver, {"averaging_constant": 0.1}),
+    (mono_quant.PerChannelMinMaxObserver, {"ch_axis": -1}),
+    (mono_quant.MovingAveragePerChannelMinMaxObserver, {"ch_axis": 0}),
+    (mono_quant.HistogramObserver, {"bins": 2048}),
+]
+
+
+def _data(shape, dtype):
+    xs = [torch.randn(shape, device=DEV) * s + o for s, o in ((1, 0), (2, -3), (0.5, 4), (1, 0))]
+    xs[1].view(-1)[::101] = float("nan")
+    xs[2].view(-1)[7] = float("inf")
+    return [x.to(dtype) for x in xs]
+
+
+def _assert_same(a, b, rtol=0.0):
+    for (name, g), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("cls,kwargs", OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (4097,), (257, 1000), (3, 17, 512), (64, 32, 7, 7)])
+def test_triton_equals_torch_on_cuda(cls, kwargs, dtype, shape):
+    tri = cls(backend="triton", **kwargs).to(DEV)
+    ref = cls(backend="torch", **kwargs).to(DEV)
+    for x in _data(shape, dtype):
+        tri(x)
+        ref(x)
+    _assert_same(tri, ref, rtol=2e-7 if "averaging_constant" in kwargs or "Moving" in cls.__name__ else 0.0)
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+def test_histogram_strategies_on_cuda(strategy):
+    obs = mono_quant.HistogramObserver(bins=2048, backend="torch").to(DEV)
+    state = [torch.empty_like(b).copy_(b) for b in (obs.running_min, obs.running_max, obs.seen, obs.exponent,
+                                                     obs.origin, obs.counts)]  # fmt: skip
+    for x in _data((1 << 20,), torch.bfloat16):
+        khist.histogram_update_(x, *state, strategy=strategy)
+        obs(x)
+    for g, w in zip(state, (obs.running_min, obs.running_max, obs.seen, obs.exponent, obs.origin, obs.counts),
+                    strict=True):  # fmt: skip
+        assert torch.equal(g, w)
+
+
+def test_more_than_2_31_elements():
+    n = (1 << 31) + 4099
+    x = torch.empty(n, dtype=torch.bfloat16, device=DEV).uniform_(-1, 1)
+    x[-1] = 7.0  # the max sits past the 2**31 boundary
+    x[-2] = float("nan")
+    st = [torch.tensor(float("inf"), device=DEV), torch.tensor(float("-inf"), device=DEV),
+          torch.zeros(3, dtype=torch.int64, device=DEV)]  # fmt: skip
+    kernels.minmax_update_(x, *st)
+    assert float(st[1]) == 7.0 and st[2].tolist() == [n - 1, 1, 1]
+    obs = mono_quant.HistogramObserver(bins=256, backend="triton").to(DEV)
+    obs(x)
+    assert int(obs.counts.sum()) == n - 1 and float(obs.running_max) == 7.0
+    pc = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend="triton").to(DEV)
+    pc(x[: (1 << 31) + 4096].view(-1, 4096))
+    assert float(pc.running_max.max()) <= 1.0 and int(pc.seen[0]) == (1 << 31) + 4096 - 1
+
+
+@pytest.mark.parametrize("cls,kwargs", OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_forward_never_syncs(cls, kwargs):
+    obs = cls(backend="triton", **kwargs).to(DEV)
+    xs = _data((512, 1024), torch.bfloat16)
+    obs(xs[0])  # first call: per-channel buffers are sized, kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in xs * 3:
+            obs(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(obs.seen[2]) == 1 + 3 * len(xs)
+
+
+@pytest.mark.parametrize("cls,kwargs", OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_cuda_graph_replay_equals_eager(cls, kwargs):
+    eager = cls(backend="triton", **kwargs).to(DEV)
+    graphed = cls(backend="triton", **kwargs).to(DEV)
+    xs = _data((300, 700), torch.bfloat16)
+    static = xs[0].clone()
+    eager(static), graphed(static)  # warm-up outside capture (compiles, sizes buffers), same on both
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            graphed(static)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in xs[1:] * 2:
+        static.copy_(x)
+        g.replay()
+        eager(x)
+    torch.cuda.synchronize()
+    _assert_same(graphed, eager)
+
+
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 16)
+            self.o1 = mono_quant.HistogramObserver(bins=128, backend="triton")
+            self.o2 = mono_quant.MovingAverageMinMaxObserver(backend="triton")
+            self.fc2.register_forward_hook(lambda m, a, out: self.o2(out))
+
+        def forward(self, x):
+            return self.fc2(self.o1(self.fc1(x)).relu())
+
+    eager, compiled = Net().to(DEV), Net().to(DEV)
+    compiled.load_state_dict(eager.state_dict())
+    run = torch.compile(compiled, fullgraph=True)
+    for s in (1.0, 2.0, 0.5):
+        x = torch.randn(32, 64, device=DEV) * s
+        torch.testing.assert_close(run(x), eager(x))
+    _assert_same(compiled, eager, rtol=2e-7)
