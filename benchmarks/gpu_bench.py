@@ -1,0 +1,176 @@
+"""Benchmarks of the observer updates: Triton kernels vs torch path vs torch.ao, with the measured ceiling.
+
+For each size and dtype it times (``triton.testing.do_bench``, median ms) one observer update on the same
+tensor: fused min/max, EMA, per-channel (``[tokens, hidden]``, ``ch_axis=-1``), histogram steady state
+(both binning strategies), the torch reference path on the same device, ``torch.ao`` MinMaxObserver and
+HistogramObserver (fp32 only: they reject bf16), and a plain ``x.sum()`` / ``x.clone()`` as the read and
+copy bandwidth ceilings. GB/s counts the bytes of one read of ``x``. Prints a table last and writes JSON.
+
+``--smoke``: tiny sizes on CPU under ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench), so the
+script's logic is checked on machines without a GPU; the numbers mean nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def _timer(smoke: bool):
+    if smoke:
+
+        def bench(fn, reps=3):
+            fn()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - t) / reps * 1e3
+
+        return bench
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
+
+
+def _cases(mono_quant, device):
+    """name -> factory(x) returning a zero-argument callable that runs one update on x."""
+    mk = lambda cls, **kw: lambda x: (lambda o: lambda: o(x))(cls(**kw).to(device))
+    cases = {
+        "minmax": mk(mono_quant.MinMaxObserver, backend="triton"),
+        "ema": mk(mono_quant.MovingAverageMinMaxObserver, backend="triton"),
+        "minmax_torch": mk(mono_quant.MinMaxObserver, backend="torch"),
+        "ema_torch": mk(mono_quant.MovingAverageMinMaxObserver, backend="torch"),
+        "per_channel": lambda x: _per_channel(mono_quant, x, "triton", device),
+        "per_channel_torch": lambda x: _per_channel(mono_quant, x, "torch", device),
+        "hist_torch": lambda x: _steady_hist(mono_quant, x, "torch", None, device),
+    }
+    from mono_quant.kernels import histogram as khist
+
+    for s in khist.HIST_STRATEGIES:
+        cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
+    return cases
+
+
+def _per_channel(mono_quant, x, backend, device):
+    # the widest LLM-like hidden size that divides n (1e9 -> 2560, 1e8 -> 1280, 1e6 -> 320)
+    hidden = next(h for h in (4096, 2560, 1280, 640, 320, 160, 80, 16, 1) if x.numel() % h == 0)
+    o = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend=backend).to(device)
+    v = x.view(-1, hidden)
+    return lambda: o(v)
+
+
+def _steady_hist(mono_quant, x, backend, strategy, device):
+    o = mono_quant.HistogramObserver(bins=2048, backend=backend).to(device)
+    o(x)  # the grid now covers x: later calls are the steady state
+    if strategy is None:
+        return lambda: o(x)
+    from mono_quant.kernels import histogram as khist
+
+    bufs = (o.running_min, o.running_max, o.seen, o.exponent, o.origin, o.counts)
+    return lambda: khist.histogram_update_(x, *bufs, strategy=strategy)
+
+
+def _ceilings(x):
+    """A plain read (``x.sum()``) and a plain copy (``x.clone()``) of the same tensor."""
+    return {"read_ceiling_sum": lambda: x.sum(), "copy_ceiling_clone": lambda: x.clone()}
+
+
+def _torch_ao(x):
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+
+    out = {}
+    if x.dtype == torch.float32:
+        mm = MinMaxObserver().to(x.device)
+        out["ao_minmax"] = lambda: mm(x)
+        if x.numel() <= 100_000_000:  # torch.ao's histogram is slow: keep the script within its budget
+            h = HistogramObserver().to(x.device)
+            h(x)
+            out["ao_histogram"] = lambda: h(x)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
+    p.add_argument("--sizes", default=None, help="comma-separated element counts")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import mono_quant  # after TRITON_INTERPRET is settled
+
+    device = "cpu" if args.smoke else "cuda"
+    default = "10000,40960" if args.smoke else "10000,1000000,100000000,1000000000"
+    sizes = [int(float(s)) for s in (args.sizes or default).split(",")]
+    bench = _timer(args.smoke)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in sizes:
+            x = torch.randn(n, device=device, dtype=dtype)
+            nbytes = x.numel() * x.element_size()
+            fns = _ceilings(x)
+            fns.update({k: f(x) for k, f in _cases(mono_quant, device).items()})
+            fns.update(_torch_ao(x))
+            times = {}
+            for name, fn in fns.items():
+                if n >= 500_000_000 and name in (
+                    "hist_torch",
+                    "minmax_torch",
+                    "ema_torch",
+                    "per_channel_torch",
+                ):
+                    continue  # several passes each: they would take the script past its time budget
+                try:
+                    times[name] = bench(fn)
+                except Exception as e:  # a failing case is reported, the rest still runs
+                    times[name] = None
+                    print(f"{name} n={n} {dtype}: {type(e).__name__}: {e}", file=sys.stderr)
+            read_ms = times["read_ceiling_sum"]
+            copy_ms = times["copy_ceiling_clone"]
+            for name, ms in times.items():
+                row = {"case": name, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
+                if ms:
+                    row["GBps"] = nbytes / ms / 1e6
+                    row["of_read_ceiling"] = read_ms / ms if read_ms else None
+                    row["of_copy_bw"] = (nbytes / ms) / (2 * nbytes / copy_ms) if copy_ms else None
+                rows.append(row)
+            fns = x = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+        from mono_quant.kernels import histogram as khist
+
+        meta["default_hist_strategy"] = khist.HIST_STRATEGY
+    except ImportError:
+        pass
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_bench.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\n{meta}\nwrote {path}\n")
+    print(f"{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}")
+    for r in rows:
+        ms = f"{r['ms']:.4f}" if r["ms"] else "fail"
+        gbps = f"{r.get('GBps', 0):.0f}"
+        frac = f"{r['of_read_ceiling']:.2f}" if r.get("of_read_ceiling") else ""
+        print(f"{r['case']:22} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
