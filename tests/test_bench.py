@@ -1,0 +1,157 @@
+"""The benchmark tooling: ``mono_quant.bench`` (``mono-quant bench``), ``benchmarks/report.py`` and the
+per-candidate loop baselines of ``benchmarks/entropy_loop.py``. Timings are not asserted, only what the
+tools compute and print.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mono_quant import bench
+from mono_quant.core import histogram as hist
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_prints_a_table_with_torch_ao_beside(capsys):
+    status = bench.main(["--sizes", "2e3", "--dtypes", "float32", "--rounds", "1", "--no-search", "--quiet"])
+    out = capsys.readouterr().out
+    assert status == 0
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| case | impl |")
+    body = table[1:]
+    for kind in bench.KINDS:
+        assert any(f"| {kind} | mono_quant torch | float32 | 2e+03 |" in line for line in body), kind
+    if bench.torch_ao() is not None:
+        assert sum("| torch.ao |" in line for line in body) == len(bench.KINDS)
+
+
+def test_main_search_rows(capsys):
+    status = bench.main(
+        ["--sizes", "1e3", "--kinds", "minmax", "--dtypes", "bfloat16", "--rounds", "1", "--quiet"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "calculate_qparams 2048 bins | mono_quant kl symmetric" in out
+    assert "calculate_qparams 8192 bins | mono_quant percentile affine" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--sizes", "lots"], ["--sizes", "0"], ["--kinds", "nope"], ["--dtypes", "int8"], ["--rounds", "0"]],
+)
+def test_main_rejects_bad_arguments(argv, capsys):
+    assert bench.main([*argv, "--quiet"]) == 2
+    assert "mono-quant bench:" in capsys.readouterr().err
+
+
+def test_activation_shape_dtype_and_outliers():
+    x = bench.activation(10_000, torch.bfloat16)
+    assert x.shape == (10, bench.HIDDEN) and x.dtype == torch.bfloat16
+    col_max = x.float().abs().amax(0)
+    assert col_max[0] > 5 * col_max[1]  # channel 0 is an outlier channel
+    assert torch.equal(bench.activation(10_000, seed=3), bench.activation(10_000, seed=3))
+
+
+def test_peak_extra_bytes_sees_a_temporary_on_cpu():
+    x = torch.ones(1 << 20)
+    peak = bench.peak_extra_bytes(lambda: (x * 2).sum(), "cpu")
+    assert peak >= x.nbytes
+    assert bench.peak_extra_bytes(x.sum, "cpu") < x.nbytes
+
+
+def test_median_seconds_rejects_no_rounds():
+    with pytest.raises(ValueError, match="rounds=0"):
+        bench.median_seconds(lambda: None, rounds=0)
+
+
+def test_loops_pick_the_vectorized_threshold():
+    loops = _load("entropy_loop")
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 50, 300):
+        h = torch.randint(0, 1000, (n,), generator=gen) * (torch.rand(n, generator=gen) > 0.2)
+        h[min(1, n - 1)] += 1  # at least one count where the zero-bin rule copies from
+        hz = torch.cat([h[1:2], h[1:]]) if n > 1 else h
+        hi = hist.symmetric_candidates(n, "cpu")
+        scores = hist.kl_divergences(hz, torch.zeros_like(hi), hi, 128)
+        expected = int(hi[hist.last_argmin(scores)])
+        for loop in (loops.loop_numpy, loops.loop_python):
+            threshold, divergences = loop(h.numpy(), 128)
+            assert threshold == expected
+            finite = np.isfinite(divergences)
+            assert np.array_equal(finite, torch.isfinite(scores).numpy())
+            np.testing.assert_allclose(divergences[finite], scores.numpy()[finite], rtol=1e-9, atol=1e-12)
+
+
+def _fake_results(tmp_path: Path) -> Path:
+    def entry(median, **info):
+        return {"name": "x", "group": "g", "stats": {"median": median}, "extra_info": info}
+
+    fwd = dict(case="forward", dtype="float32", numel=1000, bytes=4000, ceiling_sum_s=1e-6)
+    data = {
+        "machine_info": {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 2, "device": "cpu"},
+        "benchmarks": [
+            entry(1e-6, **fwd, kind="ceiling", impl="sum"),
+            entry(2e-6, **fwd, kind="ceiling", impl="clone"),
+            entry(4e-6, **fwd, kind="minmax", impl="mono_quant-torch"),
+            entry(8e-6, **fwd, kind="minmax", impl="torch.ao"),
+            entry(1e-3, case="kl-search", impl="mono_quant-vectorized", bins=2048, candidates=1921),
+            entry(1e-1, case="kl-search", impl="loop-numpy", bins=2048, candidates=1921),
+            entry(
+                2e-3, case="calculate_qparams", impl="mono_quant", method="kl", qscheme="affine", bins=2048
+            ),
+            entry(
+                4e-3,
+                case="calculate_qparams",
+                impl="torch.ao",
+                method="non-linear",
+                qscheme="affine",
+                bins=2048,
+            ),
+            {"name": "disabled", "group": "g", "stats": None, "extra_info": {}},
+        ],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_tables(tmp_path):
+    report = _load("report")
+    machine, results = report.load(_fake_results(tmp_path))
+    text = report.markdown(machine, results, "t")
+    assert "Test CPU (2 cores, 2 torch threads)" in text
+    # mono 4 us, torch.ao 8 us, ceiling 1 us, 4000 bytes: 1 GB/s, 25% of the ceiling, 2x torch.ao
+    assert "| minmax | float32 | 1e+03 | 0.004 | 1.00 | 25% | 0.008 | 0.50 | 2.00x |" in text
+    assert "| 2048 | 1921 | 1 | 100 | 100x | not run |  |" in text
+    assert "| 2048 | kl | affine | 2 | 4 | 2.00x |" in text
+
+
+def test_report_cli_writes_markdown_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = _load("report")
+    md, png = tmp_path / "out.md", tmp_path / "out.png"
+    assert report.main([str(_fake_results(tmp_path)), "--md", str(md), "--plot", str(png)]) == 0
+    assert "### Observer forward" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rejects_other_json(tmp_path, capsys):
+    report = _load("report")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert report.main([str(bad)]) == 2
+    assert "not a pytest-benchmark JSON" in capsys.readouterr().err
