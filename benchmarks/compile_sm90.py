@@ -1,0 +1,91 @@
+"""Compile every kernel for sm_90 (H100/H200) without a GPU and report registers and spills.
+
+Uses ``triton.compile`` on an ``ASTSource`` with ``GPUTarget("cuda", 90, 32)``, then the ptxas that ships
+with triton (``ptxas -v``) on the PTX for the register and spill counts. Exits 1 if any kernel spills.
+Run: ``python benchmarks/compile_sm90.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
+
+import triton  # noqa: E402
+from mono_quant.kernels import histogram as khist  # noqa: E402
+from mono_quant.kernels import minmax as kmm  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# triton 3.9 emits PTX 9.x, which only its newer bundled ptxas reads (the plain one is 8.8 there)
+PTXAS = next(
+    p for p in (os.path.join(_BIN, "ptxas-blackwell"), os.path.join(_BIN, "ptxas")) if os.path.exists(p)
+)
+P32, P64, PX = "*fp32", "*i64", "*bf16"
+
+
+def _cases():
+    part = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "n": "i64", "num_tiles": "i32"}
+    fin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_partials": "i32", "rmin_ptr": P32,
+           "rmax_ptr": P32, "seen_ptr": P64, "n": "i64", "c": "fp32"}  # fmt: skip
+    rows = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "R": "i32", "C": "i32",
+            "num_row_tiles": "i32"}  # fmt: skip
+    inner = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "C": "i32", "INNER": "i32",
+             "tiles_per_row": "i32", "num_tiles": "i32"}  # fmt: skip
+    cfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_splits": "i32", "C": "i32",
+            "rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64, "n": "i64", "c": "fp32"}  # fmt: skip
+    hpass = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "hist_ptr": P64,
+             "exp_ptr": P64, "org_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_tiles": "i32",
+             "num_bins": "i32"}  # fmt: skip
+    hfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_partials": "i32", "rmin_ptr": P32,
+            "rmax_ptr": P32, "seen_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64,
+            "delta_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_bins": "i32"}  # fmt: skip
+    yield "minmax_partial", kmm._partial_kernel, part, {"BLOCK": 4096, "IS_FP64": False}, 8
+    yield "minmax_finalize", kmm._finalize_kernel, fin, {"BLOCK_P": 2048, "EMA": True}, 4
+    yield "rows_partial", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128, "IS_FP64": False}, 8
+    yield (
+        "inner_partial",
+        kmm._inner_partial_kernel,
+        inner,
+        {"BLOCK_C": 1, "BLOCK_I": 4096, "IS_FP64": False},
+        8,
+    )
+    yield "channel_finalize", kmm._channel_finalize_kernel, cfin, {"BLOCK_C": 1024, "EMA": True}, 4
+    for strat in khist.HIST_STRATEGIES:
+        for fused in (True, False):
+            consts = {"BLOCK": 4096, "NB": 8192, "IS_FP64": False, "FUSED": fused,
+                      "TL_HISTOGRAM": strat == "tl_histogram"}  # fmt: skip
+            yield f"hist_pass_{strat}_{'fused' if fused else 'rebin'}", khist._pass_kernel, hpass, consts, 8
+    hconsts = {"BLOCK_P": 2048, "BLOCK_B": 1024, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX}
+    yield "hist_finalize", khist._finalize_kernel, hfin, hconsts, 4
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    spilled = False
+    for name, fn, sig, consts, warps in _cases():
+        sig = dict(sig, **{k: "constexpr" for k in consts})
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                                options={"num_warps": warps})  # fmt: skip
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)  # fmt: skip
+        os.unlink(f.name)
+        log = out.stderr + out.stdout
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        spilled |= any(spills)
+        nregs = regs.group(1) if regs else "?"
+        print(f"{name:32} regs={nregs:>4} spill_bytes={sum(spills):>6} ptxas_rc={out.returncode}")
+        spilled |= out.returncode != 0
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
