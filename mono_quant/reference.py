@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.core.histogram import bin_index, canonical_grid, regrid
+from mono_quant.core.histogram import canonical_grid, regrid
 
 __all__ = [
     "finite_minmax",
@@ -32,6 +32,8 @@ __all__ = [
 # Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 and
 # non-finite inputs to 16 MiB whatever the tensor size.
 CHUNK = 1 << 22
+# Elements per binning step on the CPU: small enough that the temporaries stay in cache.
+BIN_CHUNK = 1 << 16
 
 
 def _may_branch(x: torch.Tensor) -> bool:
@@ -167,15 +169,23 @@ def histogram_update_(
     counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
     exponent.copy_(new_e)
     origin.copy_(new_o)
+    # x * 2**-e underflows only for a coarse grid (e > 0); on CPU the fix-up pass is skipped otherwise
+    fix_underflow = not _may_branch(x) or int(exponent) > 0
     all_finite = _may_branch(x) and int(bad) == 0
-    for chunk in x.reshape(-1).split(CHUNK):
-        chunk = chunk.float()
-        idx = bin_index(chunk, exponent, origin)
-        if all_finite:
-            counts += torch.bincount(idx, minlength=num_bins)
+    inv_w = torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent).to(torch.float32)
+    offset = origin.to(torch.float32)
+    step = BIN_CHUNK if _may_branch(x) else CHUNK
+    for chunk in x.reshape(-1).split(step):
+        t = chunk.to(torch.float32) * inv_w  # exact: a power of two
+        t.floor_()
+        if fix_underflow:
+            t = torch.where(chunk < 0, t.clamp(max=-1.0), t)
+        t -= offset  # integers below 2**25: exact
+        if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
+            counts += torch.bincount(t.to(torch.int64), minlength=num_bins)
             continue
-        finite = torch.isfinite(chunk)
-        # non-finite values go to bin 0 with weight 0: no data-dependent shapes, no host read
-        idx = torch.where(finite, idx, 0)
-        counts.index_add_(0, idx, finite.to(counts.dtype))
+        # t holds integer bin numbers; with edges at -0.5, 0.5, ... every integer lands in its own bin
+        # whatever histc's rounding, and NaN / +-Inf fall outside and are skipped. Float counts are exact
+        # per chunk (< 2**24 values). No data-dependent shape, no host read.
+        counts += torch.histc(t, bins=num_bins, min=-0.5, max=num_bins - 0.5).to(torch.int64)
     seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
