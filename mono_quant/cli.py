@@ -32,7 +32,8 @@ observers (--observer, comma-separated; default: all):
   kl              histogram, KL-divergence threshold (TensorRT / ModelOpt entropy calibration)
   mse             histogram, range with the least expected squared error
   percentile      histogram, 99.99th percentile
-  per_channel     per-channel min / max along the hidden (last) axis; the table shows mean scale / zero point
+  per_channel     per-channel min / max (last axis of Linear inputs, axis 1 of Conv inputs); the table
+                  shows the outermost range and the mean scale / zero point (~)
 
 output: per layer and observer, the clip range the qparams represent, scale, zero point, the SQNR (dB) of
 the layer's input on a held-out batch fake-quantized with them (higher is better; * marks the best of the
@@ -43,6 +44,15 @@ data: --data FILE.pt holds a tensor (one batch: model(x)), or a list of batches,
 list/tuple of tensors (model(*batch)) or a dict (model(**batch)). The last batch is held out for the SQNR
 (with a single batch, the SQNR is measured on it). Without --data, the model's example_inputs(n) method,
 if it has one, supplies n batches; the demo has one.
+
+files:
+  --save        JSON: {"dtype", "qscheme", "qmin", "qmax", "layers": {layer: {"best": observer, "observers":
+                {observer: {"scale", "zero_point" (numbers, or lists per channel), "ch_axis", "range",
+                "sqnr_db", "observer" (class), "settings" (its constructor keywords), ...}}}}}
+  --save-state  torch.save of {"format": "mono_quant.observer_state", "version": 1, "observers":
+                {observer: {"class": name, "layers": {layer: {"kwargs": {...}, "state_dict": {...}}}}}};
+                mono_quant.report.load_state(path) rebuilds the observers ({observer: {layer: obs}}) to
+                continue calibrating, or to merge runs with mono_quant.distributed.merge_observers
 
 examples:
   mono-quant calibrate                                     # the built-in demo, every observer
