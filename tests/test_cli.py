@@ -22,6 +22,15 @@ from mono_quant import cli, demo, report
 TESTS = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tensors here are small: one thread is as fast, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _run(args, cwd, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
