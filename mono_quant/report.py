@@ -60,6 +60,7 @@ __all__ = [
     "calibrate_observers",
     "capture_inputs",
     "compare_observers",
+    "format_summary",
     "format_table",
     "load_qparams",
     "load_state",
@@ -69,6 +70,7 @@ __all__ = [
     "save_qparams",
     "save_state",
     "score_observers",
+    "target_layers",
     "winner_line",
 ]
 
