@@ -227,21 +227,21 @@ def kl_divergences(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nq: i
         + torch.where(single, 0, _xlogx(p_last) - _xlogx(h_last))
     )
 
-    # Q: chunk c holds bins [lo + ceil(c n / nq), lo + ceil((c+1) n / nq)).
+    # Q: chunk c holds bins [lo + ceil(c n / nq), lo + ceil((c+1) n / nq)); one gather gives both the
+    # counts and the non-empty bins at every chunk edge.
     c = torch.arange(nq + 1, device=h.device, dtype=torch.int64)
-    starts = lo[:, None] + (c[None, :] * n[:, None] + nq - 1) // nq  # (K, nq + 1)
-    s_chunk = csum[starts[:, 1:]] - csum[starts[:, :-1]]  # (K, nq)
-    nz_chunk = cnz[starts[:, 1:]] - cnz[starts[:, :-1]]
+    edges = lo[:, None] + (c[None, :] * n[:, None] + nq - 1) // nq  # (K, nq + 1)
+    at_edges = torch.stack([csum, cnz], dim=1)[edges]  # (K, nq + 1, 2)
+    chunk = at_edges[:, 1:] - at_edges[:, :-1]
+    s_chunk, nz_chunk = chunk[..., 0], chunk[..., 1]  # (K, nq)
     sum_q = csum[hi] - csum[lo]
-    # mass of P that sits on each chunk's non-empty bins: the chunk sum, plus the outliers on the ends
-    # (where the end bin is empty, that mass has q = 0: handled below as inf).
-    in_chunk_lo = (starts[:, :-1] <= lo[:, None]) & (lo[:, None] < starts[:, 1:])
-    in_chunk_hi = (starts[:, :-1] <= last[:, None]) & (last[:, None] < starts[:, 1:])
-    p_mass = (
-        s_chunk
-        + torch.where(in_chunk_lo & (h_lo > 0)[:, None], out_lo[:, None], 0)
-        + torch.where(in_chunk_hi & (h_last > 0)[:, None], out_hi[:, None], 0)
-    )
+    # mass of P on each chunk's non-empty bins: the chunk sum, plus the outliers folded into the end bins
+    # (first bin: chunk 0; last bin: chunk floor((n - 1) nq / n)). Where an end bin is empty its outliers
+    # meet q = 0: inf below.
+    p_mass = s_chunk.clone()
+    p_mass[:, 0] += torch.where(h_lo > 0, out_lo, 0)
+    last_chunk = ((n - 1) * nq // n)[:, None]
+    p_mass.scatter_add_(1, last_chunk, torch.where(h_last > 0, out_hi, 0)[:, None])
     q_level = s_chunk / (nz_chunk.clamp(min=1) * sum_q[:, None])
     sum_p_logq = torch.where(p_mass > 0, p_mass * torch.log(torch.where(p_mass > 0, q_level, 1)), 0).sum(1)
     kl = (sum_p_logp - sum_p_logq) / total - torch.log(total)
