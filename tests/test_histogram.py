@@ -242,7 +242,7 @@ def _mse_loop(hist, width, first, lo, hi, step):
         for j, count in enumerate(h.tolist()):
             c = (first + j + 0.5) * width
             if a <= j < b:
-                err += count * s * s / 12
+                err += count * (c - s * round(c / s)) ** 2
             elif j < a:
                 err += count * (c - left) ** 2
             else:

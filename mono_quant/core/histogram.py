@@ -30,9 +30,9 @@ Threshold search (all candidates at once, on the histogram's device, float64):
   of the minima wins. Affine: the same score on the signed histogram with outliers
   folded into both end bins and ``nq = qmax - qmin + 1`` chunks, over the *scaled-range* family
   ``[min, max] * t`` (zero point kept), rounded out to bin edges.
-- ``mse``: expected squared error of quantizing the histogram to the candidate range: rounding noise
-  ``scale**2 / 12`` for each value inside, ``(x - edge)**2`` at bin centres for each value clipped.
-  Same candidate families as ``kl``.
+- ``mse``: squared error of quantizing the histogram's bin centres with the candidate range: the
+  rounding error for each value inside, ``(x - edge)**2`` for each value clipped. Same candidate
+  families as ``kl``.
 - ``percentile``: the value below which ``percentile`` % of |x| (symmetric) lies, or the
   ``(100 - p, p)`` percentiles of x (affine), interpolated linearly inside a bin.
 """
@@ -252,28 +252,38 @@ def kl_divergences(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nq: i
 def mse_errors(
     hist: torch.Tensor, width: float, first: int, lo: torch.Tensor, hi: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
-    """Expected squared quantization error (summed over values) of each candidate window ``[lo, hi)``.
+    """Squared quantization error (summed over values, at bin centres) of each candidate window ``[lo, hi)``.
 
-    Bin ``j`` of ``hist`` covers ``[(first + j) w, (first + j + 1) w)``; the candidate keeps
-    ``[(first + lo) w, (first + hi) w]`` and quantizes it with steps ``step``. Inside: ``step**2 / 12`` per
-    value (uniform rounding noise). Outside: ``(centre - edge)**2`` per value at bin centres, from prefix
-    sums of ``h``, ``h c`` and ``h c**2``, so each candidate costs O(1).
+    Bin ``j`` of ``hist`` covers ``[(first + j) w, (first + j + 1) w)``, centre ``c_j``; the candidate keeps
+    ``[a, b] = [(first + lo) w, (first + hi) w]`` on a grid of ``step`` with zero on it. Inside:
+    ``(c - step * round(c / step))**2`` per value, the real rounding error (a uniform ``step**2 / 12``
+    would ignore that values near zero round to it almost exactly, which matters at 4 bits). Outside:
+    ``(c - a)**2`` or ``(c - b)**2``, from prefix sums of ``h``, ``h c`` and ``h c**2``.
 
     Returns:
-        ``(K,)`` float64.
+        ``(K,)`` float64. Memory: candidates are processed in groups of at most 2**21 (candidate, bin) pairs.
     """
     h = hist.to(torch.float64)
-    centres = (first + torch.arange(h.shape[0], device=h.device, dtype=torch.float64) + 0.5) * width
+    num = h.shape[0]
+    centres = (first + torch.arange(num, device=h.device, dtype=torch.float64) + 0.5) * width
     zero = h.new_zeros(1)
     c0 = torch.cat([zero, h.cumsum(0)])
     c1 = torch.cat([zero, (h * centres).cumsum(0)])
     c2 = torch.cat([zero, (h * centres * centres).cumsum(0)])
     a = (first + lo).to(torch.float64) * width
     b = (first + hi).to(torch.float64) * width
-    inside = (c0[hi] - c0[lo]) * step * step / 12
     left = c2[lo] - 2 * a * c1[lo] + a * a * c0[lo]  # sum_{j < lo} h (c - a)^2
     r0, r1, r2 = c0[-1] - c0[hi], c1[-1] - c1[hi], c2[-1] - c2[hi]
     right = r2 - 2 * b * r1 + b * b * r0  # sum_{j >= hi} h (c - b)^2
+    inside = torch.empty_like(a)
+    j = torch.nonzero(h).flatten()  # empty bins add nothing: skip them
+    hj, cj = h[j], centres[j]
+    group = max(1, (1 << 21) // max(j.shape[0], 1))
+    for k in range(0, lo.shape[0], group):
+        s = step[k : k + group, None]
+        err = cj - s * torch.round(cj / s)  # (group, nonzero bins)
+        keep = (j >= lo[k : k + group, None]) & (j < hi[k : k + group, None])
+        inside[k : k + group] = torch.where(keep, err * err, 0) @ hj
     return inside + left.clamp(min=0) + right.clamp(min=0)
 
 
