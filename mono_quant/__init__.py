@@ -22,9 +22,11 @@ from mono_quant.core import (
     fake_quantize,
     merge_histograms,
     quant_range,
+    quantization_sqnr,
     quantize,
     sqnr,
 )
+from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
 
 try:
     __version__ = version("mono_quant")
@@ -48,8 +50,12 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "merge_histograms",
+    "merge_observers",
+    "merge_state_dicts",
     "quant_range",
+    "quantization_sqnr",
     "quantize",
     "run_calibration",
     "sqnr",
+    "sync_observers",
 ]

@@ -15,6 +15,7 @@ from mono_quant.core.qparams import (
     dequantize,
     fake_quantize,
     quant_range,
+    quantization_sqnr,
     quantize,
     sqnr,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "fake_quantize",
     "merge_histograms",
     "quant_range",
+    "quantization_sqnr",
     "quantize",
     "sqnr",
 ]
