@@ -16,13 +16,15 @@ From a range ``[min_val, max_val]`` (per tensor, or elementwise per channel)::
     affine:     scale      = max(eps, (max_pos - min_neg) / (qmax - qmin))
                 zero_point = clamp(qmin - round(min_neg / scale), qmin, qmax)
     symmetric:  scale      = max(eps, max(-min_neg, max_pos) / ((qmax - qmin) / 2))
-                zero_point = 0 for signed types, 2 ** (bits - 1) for unsigned ones (128, 8)
+                zero_point = 0 for signed types; for unsigned ones the middle of the range,
+                (qmax - qmin + 1) // 2: 128 for uint8 (64 with reduce_range), 8 for uint4
 
 All arithmetic is float32 in this order, so for the 8-bit types the result is bit-identical to
 ``torch.ao.quantization``'s observers for the same min/max, dtype, qscheme, reduce_range and eps.
-Two deliberate differences: per-tensor results are 0-d (torch.ao returns shape ``(1,)``), and a range
-wider than float32 can hold (``max_pos - min_neg`` overflows near 3.4e38) is divided before it is
-subtracted, so the scale stays finite. A constant input gives ``scale = eps``.
+Deliberate differences: per-tensor results are 0-d (torch.ao returns shape ``(1,)``); a range wider
+than float32 can hold (``max_pos - min_neg`` overflows near 3.4e38) is divided before it is subtracted,
+so the scale stays finite; zero points are always int32; and symmetric unsigned with ``reduce_range``,
+which torch.ao refuses, is allowed. A constant input gives ``scale = eps``.
 """
 
 from __future__ import annotations
