@@ -50,6 +50,7 @@ __all__ = [
 ENV_PROFILE = "MONO_QUANT_BENCH_PROFILE"
 ENV_THREADS = "MONO_QUANT_BENCH_THREADS"
 ENV_DEVICE = "MONO_QUANT_BENCH_DEVICE"
+ENV_KEEP_DATA = "MONO_QUANT_BENCH_KEEP_DATA"
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,12 @@ def tensor_and_ceilings(
     return x, ceiling_seconds(x, "sum", rounds=rounds), ceiling_seconds(x, "clone", rounds=rounds)
 
 
-def run_timed(benchmark, fn, *, dev: torch.device, setup=None, rounds: int | None = None):
+def run_timed(benchmark, fn, *, dev: torch.device, setup=None, rounds: int | None = None, warmup: int = 1):
     """Time ``fn`` with pytest-benchmark, synchronizing the device after each call.
 
     Without ``rounds``, pytest-benchmark calibrates rounds itself (``--benchmark-min-rounds``,
     ``--benchmark-max-time``); with ``rounds`` (and for any ``setup``), pedantic mode runs exactly that
-    many after one warm-up call. Returns what ``fn`` returned.
+    many after ``warmup`` calls. Returns what ``fn`` returned.
     """
 
     def call(*args):
@@ -144,7 +145,9 @@ def run_timed(benchmark, fn, *, dev: torch.device, setup=None, rounds: int | Non
     if setup is None and rounds is None:
         return benchmark(call)
     pedantic_setup = None if setup is None else lambda: ((setup(),), {})
-    return benchmark.pedantic(call, setup=pedantic_setup, rounds=rounds or 3, iterations=1, warmup_rounds=1)
+    return benchmark.pedantic(
+        call, setup=pedantic_setup, rounds=rounds or 3, iterations=1, warmup_rounds=warmup
+    )
 
 
 def record(benchmark, **info) -> None:

@@ -3,7 +3,8 @@
 Adds ``--bench-profile {tiny,cpu,gpu}``, parametrizes each benchmark from its module's ``cases(profile)``,
 sets the thread count from ``MONO_QUANT_BENCH_THREADS``, and completes the JSON written by
 ``--benchmark-json``: each result gets its median, throughput and fraction of the ceiling in
-``extra_info``, and the machine info gets the CPU model, thread count and load average.
+``extra_info``, the machine info gets the CPU model, thread count and load average, and the per-round
+times are dropped (set ``MONO_QUANT_BENCH_KEEP_DATA=1`` to keep them).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
+    keep_data = os.environ.get(common.ENV_KEEP_DATA, "0") not in ("", "0")
     for bench in output_json.get("benchmarks", []):
         info, stats = bench.setdefault("extra_info", {}), bench.get("stats") or {}
+        if not keep_data:
+            stats.pop("data", None)  # every round's time: megabytes for the fast cases
         median = stats.get("median")
         if not median:
             continue

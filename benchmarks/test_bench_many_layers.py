@@ -94,7 +94,7 @@ def test_many_layers(benchmark, case, dev, profile):
         except (RuntimeError, TypeError, NotImplementedError) as exc:
             pytest.skip(f"{impl} cannot observe a {info['dtype']} tensor: {exc}")
         observers = common.run_timed(
-            benchmark, lambda obs: _step(obs, xs), dev=dev, setup=make, rounds=ROUNDS
+            benchmark, lambda obs: _step(obs, xs), dev=dev, setup=make, rounds=ROUNDS, warmup=0
         )
         assert all(float(o.max_val.max()) == float(x.max()) for o, x in zip(observers, xs, strict=True))
     else:
@@ -102,6 +102,6 @@ def test_many_layers(benchmark, case, dev, profile):
         info.pop("bytes")  # the search reads histograms, not the tensors
         common.record(benchmark, **info)
         qparams = common.run_timed(
-            benchmark, lambda: [o.calculate_qparams() for o in observers], dev=dev, rounds=ROUNDS
+            benchmark, lambda: [o.calculate_qparams() for o in observers], dev=dev, rounds=ROUNDS, warmup=0
         )
         assert all(float(scale.flatten()[0]) > 0 for scale, _ in qparams)
