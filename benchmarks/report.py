@@ -4,6 +4,7 @@ Usage::
 
     python3 benchmarks/report.py results.json                 # markdown on stdout
     python3 benchmarks/report.py results.json --md out.md --plot out.png
+    python3 benchmarks/report.py results.json --sizes 1e6,3e7    # a summary: two sizes only
 
 The JSON is what ``pytest benchmarks/ --benchmark-json=results.json`` writes (pytest-benchmark's format,
 with the suite's ``extra_info``). Times are medians. ``of ceiling`` is the time of ``x.sum()`` on the same
@@ -73,6 +74,17 @@ def _frac(row: dict | None) -> str:
     return f"{row['ceiling_sum_s'] / row['median_s']:.0%}"
 
 
+def _mem(row: dict | None) -> str:
+    if not row or row.get("peak_extra_bytes") is None:
+        return ""
+    n = float(row["peak_extra_bytes"])
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -96,17 +108,20 @@ def describe(machine: dict) -> str:
     return ", ".join(parts)
 
 
-def forward_table(results: list[dict]) -> str:
-    """Observer forward: one line per (kind, dtype, size), implementations side by side."""
+def forward_table(results: list[dict], sizes: set[int] | None = None) -> str:
+    """Observer forward: one line per (kind, dtype, size), implementations side by side.
+
+    ``sizes``: only these element counts (all when ``None``).
+    """
     by_case: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in results:
-        if r.get("case") == "forward":
+        if r.get("case") == "forward" and (sizes is None or r["numel"] in sizes):
             by_case[(r["kind"], r["dtype"], r["numel"])][r["impl"]] = r
     have_triton = any("mono_quant-triton" in impls for impls in by_case.values())
-    header = ["observer", "dtype", "elements", "mono_quant torch ms", "GB/s", "of ceiling"]
+    header = ["observer", "dtype", "elements", "mono_quant torch ms", "GB/s", "of ceiling", "extra memory"]
     if have_triton:
-        header += ["mono_quant triton ms", "GB/s", "of ceiling"]
-    header += ["torch.ao ms", "GB/s", "vs torch.ao"]
+        header += ["mono_quant triton ms", "GB/s", "of ceiling", "extra memory"]
+    header += ["torch.ao ms", "GB/s", "extra memory", "vs torch.ao"]
     rows = []
     order = {k: i for i, k in enumerate(OBSERVER_KINDS)}
     for (kind, dtype, numel), impls in sorted(
@@ -115,21 +130,33 @@ def forward_table(results: list[dict]) -> str:
         if kind == "ceiling":
             continue
         mono, ao = impls.get("mono_quant-torch"), impls.get("torch.ao")
-        line = [kind, dtype, f"{numel:.0e}", _ms(mono and mono["median_s"]), _gbs(mono), _frac(mono)]
+        line = [
+            kind,
+            dtype,
+            f"{numel:.0e}",
+            _ms(mono and mono["median_s"]),
+            _gbs(mono),
+            _frac(mono),
+            _mem(mono),
+        ]
         if have_triton:
             tri = impls.get("mono_quant-triton")
-            line += [_ms(tri and tri["median_s"]), _gbs(tri), _frac(tri)]
+            line += [_ms(tri and tri["median_s"]), _gbs(tri), _frac(tri), _mem(tri)]
         best = min((r["median_s"] for name, r in impls.items() if name in MONO_IMPLS), default=None)
-        line += [_ms(ao and ao["median_s"]) or "n/a", _gbs(ao), _ratio(ao and ao["median_s"], best)]
+        line += [_ms(ao and ao["median_s"]) or "n/a", _gbs(ao), _mem(ao), _ratio(ao and ao["median_s"], best)]
         rows.append(line)
     return _table(header, rows)
 
 
-def ceiling_table(results: list[dict]) -> str:
+def ceiling_table(results: list[dict], sizes: set[int] | None = None) -> str:
     """The ceilings of each test tensor, as benchmarked in the same run."""
     by_case: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in results:
-        if r.get("case") == "forward" and r.get("kind") == "ceiling":
+        if (
+            r.get("case") == "forward"
+            and r.get("kind") == "ceiling"
+            and (sizes is None or r["numel"] in sizes)
+        ):
             by_case[(r["dtype"], r["numel"])][r["impl"]] = r
     rows = []
     for (dtype, numel), ops in sorted(by_case.items(), key=lambda kv: (kv[0][0] != "float32", kv[0][1])):
@@ -239,18 +266,23 @@ def layers_table(results: list[dict]) -> str:
     return _table(header, rows)
 
 
-def markdown(machine: dict, results: list[dict], title: str = "") -> str:
-    """Every table of one results file, with a line saying where it was measured."""
+def markdown(machine: dict, results: list[dict], title: str = "", sizes: set[int] | None = None) -> str:
+    """Every table of one results file, with a line saying where it was measured.
+
+    ``sizes``: element counts shown in the observer table (all when ``None``; the ceilings table follows).
+    """
     sections = [
-        ("Observer forward (one calibration step, steady state)", forward_table),
-        ("Ceilings (same tensors, same run)", ceiling_table),
+        ("Observer forward (one calibration step, steady state)", lambda rs: forward_table(rs, sizes)),
+        ("Ceilings (same tensors, same run)", lambda rs: ceiling_table(rs, sizes)),
         ("KL threshold search, int8 symmetric (same |x| histogram)", search_table),
         ("calculate_qparams of the histogram observers", qparams_table),
         ("Many layers: one calibration step on each", layers_table),
     ]
     out = [f"## {title}" if title else "", f"Measured on: {describe(machine)}.", ""]
     out.append(
-        "Median times. GB/s: input bytes read once / time. of ceiling: x.sum() time / time. "
+        "Median times. GB/s: input bytes read once / time. of ceiling: x.sum() time / time (a plain "
+        "pass, not a hard bound: above 100% where the sum itself is slower than a fused min/max). "
+        "extra memory: peak allocated above the input during one call. "
         "vs torch.ao (and loop / vectorized): baseline time / mono_quant time, >1 means mono_quant is "
         "faster. Empty torch.ao cells: torch.ao has no such observer or could not run it."
     )
@@ -330,13 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", help="write the markdown here (default: print it)")
     parser.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--title", default="", help="heading of the markdown")
+    parser.add_argument(
+        "--sizes", help="comma-separated element counts kept in the observer tables, e.g. 1e6,3e7 (a summary)"
+    )
     args = parser.parse_args(argv)
     try:
+        sizes = None if args.sizes is None else {int(float(s)) for s in args.sizes.split(",") if s.strip()}
         machine, results = load(args.results)
     except (OSError, ValueError) as exc:
         print(f"report.py: {exc}", file=sys.stderr)
         return 2
-    text = markdown(machine, results, args.title)
+    text = markdown(machine, results, args.title, sizes)
     if args.md:
         Path(args.md).write_text(text)
     else:

@@ -106,7 +106,7 @@ def _fake_results(tmp_path: Path) -> Path:
         "benchmarks": [
             entry(1e-6, **fwd, kind="ceiling", impl="sum"),
             entry(2e-6, **fwd, kind="ceiling", impl="clone"),
-            entry(4e-6, **fwd, kind="minmax", impl="mono_quant-torch"),
+            entry(4e-6, **fwd, kind="minmax", impl="mono_quant-torch", peak_extra_bytes=3000),
             entry(8e-6, **fwd, kind="minmax", impl="torch.ao"),
             entry(1e-3, case="kl-search", impl="mono_quant-vectorized", bins=2048, candidates=1921),
             entry(1e-1, case="kl-search", impl="loop-numpy", bins=2048, candidates=1921),
@@ -135,7 +135,8 @@ def test_report_tables(tmp_path):
     text = report.markdown(machine, results, "t")
     assert "Test CPU (2 cores, 2 torch threads)" in text
     # mono 4 us, torch.ao 8 us, ceiling 1 us, 4000 bytes: 1 GB/s, 25% of the ceiling, 2x torch.ao
-    assert "| minmax | float32 | 1e+03 | 0.004 | 1.00 | 25% | 0.008 | 0.50 | 2.00x |" in text
+    assert "| minmax | float32 | 1e+03 | 0.004 | 1.00 | 25% | 3 KiB | 0.008 | 0.50 |  | 2.00x |" in text
+    assert "| minmax |" not in report.markdown(machine, results, sizes={10})
     assert "| 2048 | 1921 | 1 | 100 | 100x | not run |  |" in text
     assert "| 2048 | kl | affine | 2 | 4 | 2.00x |" in text
 
