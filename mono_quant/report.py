@@ -42,13 +42,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mono_quant.calibration.runner import create_observer
+from mono_quant.calibration.runner import call_model, create_observer, layer_input, move_batch
 from mono_quant.core.observers import HistogramObserver, ObserverBase
 from mono_quant.core.qparams import quant_range, quantization_sqnr
 
@@ -159,31 +159,6 @@ def _rebuild(class_name: str, kwargs: dict) -> ObserverBase:
 # --- calibration -----------------------------------------------------------------------------------------
 
 
-def _call(model: nn.Module, batch):
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _move(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
-
-
-def _layer_input(args, kwargs) -> torch.Tensor | None:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return a
-    return None
-
-
 def target_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> module for every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` of ``model``, in model order.
 
@@ -212,7 +187,7 @@ def _run(model: nn.Module, batches: Iterable, device, hook_factory: Callable[[st
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 try:
-                    _call(model, _move(batch, device))
+                    call_model(model, move_batch(batch, device))
                 except Exception as e:  # the user's model and data: say which batch
                     raise RuntimeError(f"the model failed on batch {i}: {type(e).__name__}: {e}") from e
                 n += 1
@@ -255,7 +230,7 @@ def calibrate_observers(
 
     def hook_factory(name: str):
         def hook(_module, args, kwargs):
-            x = _layer_input(args, kwargs)
+            x = layer_input(args, kwargs)
             if x is None:
                 return
             for kind, obs in observers[name].items():
@@ -288,7 +263,7 @@ def capture_inputs(model: nn.Module, batch, device: torch.device | str = "cpu") 
 
     def hook_factory(name: str):
         def hook(_module, args, kwargs):
-            x = _layer_input(args, kwargs)
+            x = layer_input(args, kwargs)
             if x is not None:
                 captured[name] = x.detach().clone()
 

@@ -119,7 +119,8 @@ class CalibrationResult(Mapping):
         return out
 
 
-def _call(model: nn.Module, batch):
+def call_model(model: nn.Module, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list, ``model(batch)`` otherwise."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -127,20 +128,22 @@ def _call(model: nn.Module, batch):
     return model(batch)
 
 
-def _move(batch, device):
+def move_batch(batch, device):
+    """``batch`` with every tensor in it (nested in dicts, tuples and lists) moved to ``device``."""
     if device is None:
         return batch
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
+        return {k: move_batch(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device) for v in batch)
+        return type(batch)(move_batch(v, device) for v in batch)
     return batch
 
 
-def _first_tensor(args) -> torch.Tensor | None:
-    for a in args:
+def layer_input(args: tuple, kwargs: dict | None = None) -> torch.Tensor | None:
+    """The first floating-point tensor among a module call's arguments: what its observer watches."""
+    for a in (*args, *(kwargs or {}).values()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a
     return None
@@ -204,7 +207,7 @@ def run_calibration(
 
     def hook_for(obs: ObserverBase):
         def hook(_module, args, kwargs_=None):
-            x = _first_tensor(args) if args else _first_tensor((kwargs_ or {}).values())
+            x = layer_input(args, kwargs_)
             if x is not None:
                 obs(x)
 
@@ -232,7 +235,7 @@ def run_calibration(
             for i, batch in enumerate(iterator):
                 if max_batches is not None and i >= max_batches:
                     break
-                _call(model, _move(batch, device))
+                call_model(model, move_batch(batch, device))
                 result.batches += 1
     finally:
         for h in handles:
