@@ -352,7 +352,7 @@ def plot(machine: dict, results: list[dict], path: str | Path) -> None:
         ax.grid(True, axis="x", which="both", alpha=0.3)
     fig.suptitle(describe(machine), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
