@@ -163,12 +163,15 @@ def histogram_update_(
     """
     num_bins = counts.shape[0]
     mn, mx, bad = finite_minmax(x)
-    torch.minimum(running_min, mn, out=running_min)
-    torch.maximum(running_max, mx, out=running_max)
-    new_e, new_o = canonical_grid(running_min, running_max, num_bins)
-    counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
-    exponent.copy_(new_e)
-    origin.copy_(new_o)
+    # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
+    grows = not _may_branch(x) or bool((mn < running_min) | (mx > running_max))
+    if grows:
+        torch.minimum(running_min, mn, out=running_min)
+        torch.maximum(running_max, mx, out=running_max)
+        new_e, new_o = canonical_grid(running_min, running_max, num_bins)
+        counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
+        exponent.copy_(new_e)
+        origin.copy_(new_o)
     # x * 2**-e underflows only for a coarse grid (e > 0); on CPU the fix-up pass is skipped otherwise
     fix_underflow = not _may_branch(x) or int(exponent) > 0
     all_finite = _may_branch(x) and int(bad) == 0
