@@ -315,3 +315,43 @@ def test_kl_keeps_isolated_outliers_as_modelopt_does():
     obs = HistogramObserver(bins=2048, method="kl", qscheme="symmetric", backend="torch")
     obs(values)
     assert float(obs._range()[1]) >= 60.0
+
+
+def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_curve():
+    for count in [1, 5, 256, 257, 1000, 4097]:
+        for true_best in {0, count // 3, count - 1}:
+            curve = (torch.arange(count, dtype=torch.float64) - true_best).abs() + 0.5
+            scored = []
+
+            def score(i, curve=curve, scored=scored):
+                scored.append(len(i))
+                return curve[i]
+
+            assert H.coarse_to_fine_argmin(score, count) == true_best
+            assert sum(scored) <= 3 * H.COARSE_CANDIDATES + 2
+
+
+@pytest.mark.parametrize("qscheme", ["affine", "symmetric"])
+def test_mse_search_picks_the_best_scored_candidate(qscheme):
+    values = torch.distributions.Laplace(0.0, 1.0).sample((50_000,))
+    obs = HistogramObserver(bins=1024, method="mse", qscheme=qscheme, dtype=torch.int4, backend="torch")
+    obs(values)
+    lo, hi = obs._range()
+    scale, zp = obs.calculate_qparams()
+    qmin, qmax = -8, 7
+    from mono_quant import fake_quantize
+
+    def err(s, z):
+        return float((fake_quantize(values, s, z, qmin, qmax) - values).square().sum())
+
+    chosen = err(scale, zp)
+    # no range of the family scaled from the observed one does much better on the data itself
+    mn, mx = float(values.min()), float(values.max())
+    from mono_quant.core.qparams import QuantSpec, calculate_qparams
+
+    spec = QuantSpec(torch.int4, qscheme)
+    best = min(
+        err(*calculate_qparams(torch.tensor(mn * t), torch.tensor(mx * t), spec))
+        for t in torch.linspace(0.05, 1, 96).tolist()
+    )
+    assert chosen <= best * 1.05

@@ -33,6 +33,9 @@ Threshold search (all candidates at once, on the histogram's device, float64):
 - ``mse``: squared error of quantizing the histogram's bin centres with the candidate range: the
   rounding error for each value inside, ``(x - edge)**2`` for each value clipped. Same candidate
   families as ``kl``.
+- Symmetric ``kl`` scores every candidate (it must match ModelOpt). ``mse`` and affine ``kl`` cost
+  more per candidate and have smooth curves: they score every ``stride``-th candidate (at most 256),
+  then every candidate around the best of those (``coarse_to_fine_argmin``).
 - ``percentile``: the value below which ``percentile`` % of |x| (symmetric) lies, or the
   ``(100 - p, p)`` percentiles of x (affine), interpolated linearly inside a bin.
 """
@@ -61,6 +64,8 @@ __all__ = [
 ]
 
 E_MIN, E_MAX = -126, 126  # 2**-e stays a normal float32 for every e in range
+# Candidates scored in the first round of the coarse-to-fine searches (mse; affine kl).
+COARSE_CANDIDATES = 256
 
 
 def internal_bins(bins: int) -> int:
@@ -323,6 +328,25 @@ def affine_candidates(g_lo: int, g_hi: int, device, min_bins: int = 1) -> tuple[
     return lo[keep], hi[keep]
 
 
+def coarse_to_fine_argmin(score, count: int, coarse: int = COARSE_CANDIDATES) -> int:
+    """Index of the last minimum of ``score`` over ``count`` candidates, scoring at most about
+    ``3 * coarse`` of them: every ``stride``-th first, then every candidate around the best of those.
+
+    ``score(idx)`` maps an int64 tensor of candidate indices to their scores. Exact where the score is
+    unimodal at the scale of ``stride = ceil(count / coarse)`` candidates (the MSE and the affine KL
+    curves are, up to noise a few bins wide); with ``count <= coarse`` every candidate is scored.
+    """
+    stride = -(-count // coarse)
+    idx = torch.arange(0, count, stride)
+    if stride > 1:
+        idx = torch.cat([idx, torch.tensor([count - 1])]).unique()
+    best = int(idx[last_argmin(score(idx))])
+    if stride == 1:
+        return best
+    near = torch.arange(max(0, best - stride + 1), min(count, best + stride))
+    return int(near[last_argmin(score(near))])
+
+
 def last_argmin(score: torch.Tensor) -> int:
     """Index of the last minimum (ModelOpt breaks ties towards the wider range)."""
     return score.shape[0] - 1 - int(torch.argmin(score.flip(0)))
@@ -390,10 +414,11 @@ def search_range(
             if hist.shape[0] > 1:
                 hist = torch.cat([hist[1:2], hist[1:]])
             score = kl_divergences(hist, lo, hi, max(levels // 2, 1))
+            t = int(hi[last_argmin(score)]) * w
         else:
             step = 2 * hi.to(torch.float64) * w / (levels - 1)
-            score = mse_errors(hist, w, 0, lo, hi, step)
-        t = int(hi[last_argmin(score)]) * w
+            best = coarse_to_fine_argmin(lambda i: mse_errors(hist, w, 0, lo[i], hi[i], step[i]), len(hi))
+            t = int(hi[best]) * w
         return -t, t
 
     occupied = torch.nonzero(counts).flatten()
@@ -409,10 +434,10 @@ def search_range(
     lo, hi = affine_candidates(org + first, org + last + 1, device, min_bins)
     lo, hi = lo - org, hi - org
     if method == "kl":
-        score = kl_divergences(counts, lo, hi, levels)
+        best = coarse_to_fine_argmin(lambda i: kl_divergences(counts, lo[i], hi[i], levels), len(hi))
     else:
         a = torch.clamp((lo + org).to(torch.float64) * w, max=0)
         b = torch.clamp((hi + org).to(torch.float64) * w, min=0)
-        score = mse_errors(counts, w, org, lo, hi, (b - a) / (levels - 1))
-    best = last_argmin(score)
+        step = (b - a) / (levels - 1)
+        best = coarse_to_fine_argmin(lambda i: mse_errors(counts, w, org, lo[i], hi[i], step[i]), len(hi))
     return min((int(lo[best]) + org) * w, 0.0), max((int(hi[best]) + org) * w, 0.0)
