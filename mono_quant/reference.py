@@ -17,6 +17,8 @@ here reads a value on the host; on CPU tensors the functions branch on values wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mono_quant.core.histogram import canonical_grid, regrid
@@ -51,7 +53,7 @@ def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         ``(min, max, nonfinite)``: 0-d float32, float32 (``+inf``/``-inf`` if no value is finite), int64.
     """
     mn, mx = torch.aminmax(x)
-    if _may_branch(x) and bool(torch.isfinite(mn) & torch.isfinite(mx)):
+    if _may_branch(x) and math.isfinite(mn.item()) and math.isfinite(mx.item()):
         return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
     inf = torch.tensor(float("inf"), dtype=torch.float32, device=x.device)
     mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
@@ -90,6 +92,15 @@ def finite_minmax_per_channel(
     return mn, mx, (~finite).sum()
 
 
+def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor) -> None:
+    """``seen += [finite, non-finite, 1 batch]`` for a batch of ``n`` values, ``bad`` of them non-finite."""
+    if _may_branch(seen):  # one add from host integers: a third of the cost of stacking tensors
+        b = int(bad)
+        seen.add_(torch.tensor([n - b, b, 1]))
+    else:
+        seen += torch.stack([n - bad, bad, torch.ones_like(bad)])
+
+
 def _update_range_(
     running_min: torch.Tensor,
     running_max: torch.Tensor,
@@ -102,6 +113,14 @@ def _update_range_(
         torch.maximum(running_max, mx, out=running_max)
         return
     c = averaging_constant
+    if _may_branch(running_min) and running_min.dim() == 0:
+        # per tensor on CPU: branch on the values instead of computing every case (same float32 ops)
+        for run, cur in ((running_min, mn), (running_max, mx)):
+            if math.isinf(run.item()):
+                run.copy_(cur)
+            elif not math.isinf(cur.item()):
+                run.add_((cur - run).mul_(c))
+        return
     for run, cur in ((running_min, mn), (running_max, mx)):
         # first finite batch (run is still +-inf): take it; a batch with nothing finite: keep the old value
         ema = run + c * (cur - run)
@@ -126,7 +145,7 @@ def minmax_update_(
     """
     mn, mx, bad = finite_minmax(x)
     _update_range_(running_min, running_max, mn, mx, averaging_constant)
-    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
+    _count_(seen, x.numel(), bad)
 
 
 def minmax_per_channel_update_(
@@ -140,7 +159,7 @@ def minmax_per_channel_update_(
     """Per-channel ``minmax_update_`` along ``ch_axis``: running_min/max are float32 ``(C,)``."""
     mn, mx, bad = finite_minmax_per_channel(x, ch_axis)
     _update_range_(running_min, running_max, mn, mx, averaging_constant)
-    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
+    _count_(seen, x.numel(), bad)
 
 
 def histogram_update_(
@@ -191,4 +210,4 @@ def histogram_update_(
         # whatever histc's rounding, and NaN / +-Inf fall outside and are skipped. Float counts are exact
         # per chunk (< 2**24 values). No data-dependent shape, no host read.
         counts += torch.histc(t, bins=num_bins, min=-0.5, max=num_bins - 0.5).to(torch.int64)
-    seen += torch.stack([x.numel() - bad, bad, torch.ones_like(bad)])
+    _count_(seen, x.numel(), bad)
