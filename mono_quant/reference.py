@@ -83,8 +83,11 @@ def finite_minmax_per_channel(
         mn = torch.where(finite, x, float("inf")).float()
         mx = torch.where(finite, x, float("-inf")).float()
         return mn, mx, (~finite).sum()
+    # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
     mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
-    if _may_branch(x) and bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+    # NaN or +-Inf in any channel makes the sum non-finite (so can an overflow: that only costs the
+    # filtering pass below, never a wrong result)
+    if _may_branch(x) and math.isfinite((mn.float() - mx.float()).sum().item()):
         return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
     finite = torch.isfinite(x)
     mn = torch.where(finite, x, float("inf")).amin(dim=dims).float()
