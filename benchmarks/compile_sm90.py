@@ -45,20 +45,20 @@ def _cases():
     hfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_partials": "i32", "rmin_ptr": P32,
             "rmax_ptr": P32, "seen_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64,
             "delta_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_bins": "i32"}  # fmt: skip
-    yield "minmax_partial", kmm._partial_kernel, part, {"BLOCK": 4096, "IS_FP64": False}, 8
+    yield "minmax_partial", kmm._partial_kernel, part, {"BLOCK": 4096}, 8
     yield "minmax_finalize", kmm._finalize_kernel, fin, {"BLOCK_P": 2048, "EMA": True}, 4
-    yield "rows_partial", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128, "IS_FP64": False}, 8
+    yield "rows_partial", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128}, 8
     yield (
         "inner_partial",
         kmm._inner_partial_kernel,
         inner,
-        {"BLOCK_C": 1, "BLOCK_I": 4096, "IS_FP64": False},
+        {"BLOCK_C": 1, "BLOCK_I": 4096},
         8,
     )
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, {"BLOCK_C": 1024, "EMA": True}, 4
     for strat in khist.HIST_STRATEGIES:
         for fused in (True, False):
-            consts = {"BLOCK": 4096, "NB": 8192, "IS_FP64": False, "FUSED": fused,
+            consts = {"BLOCK": 4096, "NB": 8192, "FUSED": fused,
                       "TL_HISTOGRAM": strat == "tl_histogram"}  # fmt: skip
             yield f"hist_pass_{strat}_{'fused' if fused else 'rebin'}", khist._pass_kernel, hpass, consts, 8
     hconsts = {"BLOCK_P": 2048, "BLOCK_B": 1024, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX}

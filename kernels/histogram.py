@@ -95,7 +95,6 @@ def _pass_kernel(
     num_bins,
     BLOCK: tl.constexpr,
     NB: tl.constexpr,
-    IS_FP64: tl.constexpr,
     FUSED: tl.constexpr,
     TL_HISTOGRAM: tl.constexpr,
 ):
@@ -121,7 +120,7 @@ def _pass_kernel(
     for t in range(pid, tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
         mask = offs < n
-        x, finite = load_finite(x_ptr, offs, mask, IS_FP64)
+        x, finite = load_finite(x_ptr, offs, mask)
         if FUSED:
             mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
             mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
@@ -279,7 +278,6 @@ def histogram_update_(
     meta = dict(
         BLOCK=BLOCK,
         NB=triton.next_power_of_2(num_bins + 1),
-        IS_FP64=x.dtype == torch.float64,
         TL_HISTOGRAM=strategy == "tl_histogram",
         num_warps=8,
     )

@@ -55,7 +55,6 @@ def _partial_kernel(
     n,
     num_tiles,
     BLOCK: tl.constexpr,
-    IS_FP64: tl.constexpr,
 ):
     """Partials of one persistent program over ``x``.
 
@@ -71,7 +70,7 @@ def _partial_kernel(
     for t in range(pid, num_tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
         mask = offs < n
-        x, finite = load_finite(x_ptr, offs, mask, IS_FP64)
+        x, finite = load_finite(x_ptr, offs, mask)
         mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
         mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
         bad += (mask & ~finite).to(tl.int32)
@@ -128,7 +127,6 @@ def _rows_partial_kernel(
     num_row_tiles,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    IS_FP64: tl.constexpr,
 ):
     """Per-channel partials of ``x`` viewed as ``[R, C]`` (channel axis last, contiguous).
 
@@ -149,7 +147,7 @@ def _rows_partial_kernel(
         rows = (t + tl.zeros([], tl.int64)) * BLOCK_R + rows0
         mask = (rows < R)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        x, finite = load_finite(x_ptr, offs, mask, IS_FP64)
+        x, finite = load_finite(x_ptr, offs, mask)
         mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
         mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
         bad += (mask & ~finite).to(tl.int32)
@@ -171,7 +169,6 @@ def _inner_partial_kernel(
     num_tiles,
     BLOCK_C: tl.constexpr,
     BLOCK_I: tl.constexpr,
-    IS_FP64: tl.constexpr,
 ):
     """Per-channel partials of ``x`` viewed as ``[O, C, I]`` with ``I > 1`` (contiguous).
 
@@ -195,7 +192,7 @@ def _inner_partial_kernel(
         i = (t - o * tiles_per_row) * BLOCK_I + lane
         mask = cmask[:, None] & (i < INNER)[None, :]
         offs = (o * C + cols[:, None]) * INNER + i[None, :]
-        x, finite = load_finite(x_ptr, offs, mask, IS_FP64)
+        x, finite = load_finite(x_ptr, offs, mask)
         mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
         mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
         bad += (mask & ~finite).to(tl.int32)
@@ -285,7 +282,6 @@ def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         n,
         num_tiles,
         BLOCK=BLOCK,
-        IS_FP64=x.dtype == torch.float64,
         num_warps=8,
     )
     return pmin[:programs], pmin[programs:], pbad, programs
@@ -357,7 +353,6 @@ def minmax_per_channel_update_(
     outer, channels, inner = _channel_view(x, axis)
     _check_state(running_min, running_max, seen, (channels,))
     x = prepare_input(x)
-    is_fp64 = x.dtype == torch.float64
     budget = max_programs(x)
     if inner == 1:
         block_c = min(triton.next_power_of_2(channels), 128 if x.is_cuda else 1024)
@@ -369,7 +364,7 @@ def minmax_per_channel_update_(
         pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
         _rows_partial_kernel[(channel_blocks, splits)](
             x, pmin[0], pmin[1], pbad, outer, channels, row_tiles,
-            BLOCK_R=block_r, BLOCK_C=block_c, IS_FP64=is_fp64, num_warps=8,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
         )  # fmt: skip
     else:
         block_i = min(triton.next_power_of_2(inner), TILE)
@@ -382,7 +377,7 @@ def minmax_per_channel_update_(
         pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
         _inner_partial_kernel[(channel_blocks, splits)](
             x, pmin[0], pmin[1], pbad, channels, inner, tiles_per_row, num_tiles,
-            BLOCK_C=block_c, BLOCK_I=block_i, IS_FP64=is_fp64, num_warps=8,
+            BLOCK_C=block_c, BLOCK_I=block_i, num_warps=8,
         )  # fmt: skip
     ema = averaging_constant is not None
     block_c = min(triton.next_power_of_2(channels), 1024)

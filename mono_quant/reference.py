@@ -10,7 +10,9 @@ State, shared with the kernels:
     seen: int64 ``(3,)``: finite values, non-finite values (all channels together), batches observed.
     exponent, origin: int64 ``()``, the histogram's grid; counts: int64 ``(B,)``.
 
-Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. On CUDA tensors nothing
+Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. Statistics are those of
+the float32 values: a float64 input is converted once (a copy), and its values beyond the float32 range
+become +-inf, so they count as non-finite. On CUDA tensors nothing
 here reads a value on the host; on CPU tensors the functions branch on values where that skips work
 (the non-finite filtering of a batch that turned out finite) with identical results.
 """
@@ -21,7 +23,7 @@ import math
 
 import torch
 
-from mono_quant.core.histogram import canonical_grid, regrid
+from mono_quant.core.histogram import canonical_grid, floor_scaled, regrid
 
 __all__ = [
     "finite_minmax",
@@ -36,6 +38,11 @@ __all__ = [
 CHUNK = 1 << 22
 # Elements per binning step on the CPU: small enough that the temporaries stay in cache.
 BIN_CHUNK = 1 << 16
+
+
+def _float32_values(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or its float32 values where ``x`` is float64 (the narrower types convert exactly)."""
+    return x.float() if x.dtype == torch.float64 else x
 
 
 def _may_branch(x: torch.Tensor) -> bool:
@@ -146,6 +153,7 @@ def minmax_update_(
     Args:
         x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
     """
+    x = _float32_values(x)
     mn, mx, bad = finite_minmax(x)
     _update_range_(running_min, running_max, mn, mx, averaging_constant)
     _count_(seen, x.numel(), bad)
@@ -160,6 +168,7 @@ def minmax_per_channel_update_(
     averaging_constant: float | None = None,
 ) -> None:
     """Per-channel ``minmax_update_`` along ``ch_axis``: running_min/max are float32 ``(C,)``."""
+    x = _float32_values(x)
     mn, mx, bad = finite_minmax_per_channel(x, ch_axis)
     _update_range_(running_min, running_max, mn, mx, averaging_constant)
     _count_(seen, x.numel(), bad)
@@ -184,6 +193,7 @@ def histogram_update_(
         exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
     """
     num_bins = counts.shape[0]
+    x = _float32_values(x)
     mn, mx, bad = finite_minmax(x)
     # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
     grows = not _may_branch(x) or bool((mn < running_min) | (mx > running_max))
@@ -201,10 +211,12 @@ def histogram_update_(
     offset = origin.to(torch.float32)
     step = BIN_CHUNK if _may_branch(x) else CHUNK
     for chunk in x.reshape(-1).split(step):
-        t = chunk.to(torch.float32) * inv_w  # exact: a power of two
-        t.floor_()
-        if fix_underflow:
-            t = torch.where(chunk < 0, t.clamp(max=-1.0), t)
+        chunk = chunk.to(torch.float32)
+        if fix_underflow:  # a tiny negative can underflow to -0.0, whose floor is 0: pinned to -1
+            t = floor_scaled(chunk, inv_w)
+        else:
+            t = chunk * inv_w  # exact: a power of two
+            t.floor_()
         t -= offset  # integers below 2**25: exact
         if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
             counts += torch.bincount(t.to(torch.int64), minlength=num_bins)

@@ -112,3 +112,17 @@ def test_observer_triton_equal_torch(method):
         assert torch.equal(g, w), name
     for g, w in zip(tri.calculate_qparams(), ref.calculate_qparams(), strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+def test_float64_beyond_float32_and_tiny_negatives(strategy):
+    # float64 is observed as its float32 values: 1e300 becomes inf (non-finite), -1e-50 becomes -0.0
+    seq = [
+        torch.tensor([1e300, -1e-50, 1000.0, 5.0, -1e300], dtype=torch.float64),
+        torch.randn(3000, dtype=torch.float64) * 1e3,
+        torch.tensor([-1e-50, float("nan"), 2.5], dtype=torch.float64),
+    ]
+    state = check_sequence(seq, 8, torch.float64, strategy)
+    seen = state[2]
+    assert seen.tolist() == [3 + 3000 + 2, 2 + 1, 3]
+    assert int(state[5].sum()) == int(seen[0])

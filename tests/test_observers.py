@@ -346,3 +346,22 @@ def test_histogram_exposes_counts_and_edges():
     assert len(obs.bin_edges) == len(obs.histogram_counts) + 1
     assert int(obs.histogram_counts.sum()) == 1000
     assert float(obs.min_val) == float(x.min()) and float(obs.max_val) == float(x.max())
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_float64_beyond_the_float32_range_counts_as_non_finite(cls):
+    x = torch.tensor([[1e300, 1.0], [-2.0, -1e300]], dtype=torch.float64)
+    obs = _make(cls)
+    obs(x)
+    assert obs.nonfinite_count == 2
+    assert int(obs.seen[0]) == 2
+    scale, _ = obs.calculate_qparams()
+    assert torch.isfinite(scale).all()
+    if isinstance(obs, HistogramObserver):
+        assert int(obs.counts.sum()) == 2
+
+
+def test_float64_tiny_negatives_on_a_coarse_grid():
+    obs = _make(HistogramObserver, bins=8)
+    obs(torch.tensor([-1e-50, 1000.0, 5.0], dtype=torch.float64))  # -1e-50 is -0.0 in float32
+    assert int(obs.counts.sum()) == 3 and int(obs.exponent) > 0
