@@ -45,7 +45,9 @@ HIST_STRATEGIES = ("atomic", "tl_histogram")
 
 def _default_strategy() -> str:
     env = os.environ.get("MONO_QUANT_HIST_STRATEGY", "").strip().lower()
-    if env in HIST_STRATEGIES:
+    if env:
+        if env not in HIST_STRATEGIES:
+            raise ValueError(f"MONO_QUANT_HIST_STRATEGY={env!r} is not one of {', '.join(HIST_STRATEGIES)}")
         return env
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     return "tl_histogram" if (major, minor) >= (3, 7) else "atomic"

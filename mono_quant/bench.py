@@ -331,7 +331,9 @@ def _search_cases(device: torch.device, rounds: int) -> Iterator[tuple[str, Call
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from mono_quant.cli import _Parser  # one-line usage errors, as in the rest of the command
+
+    parser = _Parser(
         prog="mono-quant bench",
         description="Time mono_quant's observers against torch.ao's here and print a markdown table.",
     )
@@ -384,7 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad arguments.
     """
-    args = _parse(argv)
+    from mono_quant.cli import CLIError
+
+    try:
+        args = _parse(argv)
+    except CLIError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         default_sizes = "1e6,1e8" if device.type == "cuda" else "1e5,1e6,1e7"

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches",
         type=_positive_int,
         metavar="N",
-        help=f"calibration batches (default: {DEFAULT_BATCHES} for the demo, all but the last for --data)",
+        help=f"calibration batches (default: {DEFAULT_BATCHES} from the demo or a model's example_inputs, "
+        "all but the last for --data)",
     )
     cal.add_argument(
         "--threads",
@@ -388,10 +389,6 @@ def _compare(args) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    if importlib.util.find_spec("mono_quant.bench") is None:
-        raise CLIError(
-            f"{PROG} bench: error: the benchmark module mono_quant.bench is not part of this install"
-        )
     from mono_quant import bench
 
     return bench.main(argv)

@@ -35,7 +35,8 @@ Collectives. All observers share a fixed number of ``all_reduce`` calls, whateve
    of hanging);
 2. MAX over the channel counts of the per-channel observers (only if there are any): a rank that saw no data
    has empty ``(0,)`` buffers and learns the size here;
-3. MIN over ``float32``: every min and every negated max;
+3. MIN over ``float32``: every min and every negated max (only if there are min/max or histogram
+   observers);
 4. SUM over ``int64``: every ``seen`` and every histogram's counts, regridded onto the global grid;
 5. SUM over ``float64``: the weighted EMAs and their weights (only if there are moving-average observers).
 
@@ -366,7 +367,7 @@ def merge_observers(sources: Sequence):
     batch-weighted mean for moving averages); merging the ranks' states offline gives what a sync gives.
 
     Args:
-        sources: two or more of the same thing: observers, Mappings of observers (``CalibrationResult``) or
+        sources: one or more of the same thing: observers, Mappings of observers (``CalibrationResult``) or
             ``nn.Module``s containing observers, with the same observers in the same order.
 
     Returns:

@@ -75,7 +75,7 @@ def _warn_fallback_once() -> None:
         "triton is not importable, so observers on CUDA tensors use torch ops (several passes per call); "
         "install mono_quant[triton] for the fused kernels",
         BackendFallbackWarning,
-        stacklevel=4,
+        stacklevel=2,
     )
 
 

@@ -300,12 +300,20 @@ def test_bench_delegates_to_mono_quant_bench(capsys, monkeypatch):
     assert seen == [["--size", "1e6"]]
 
 
-def test_bench_missing_module_is_one_line(capsys, monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        cli.importlib.util, "find_spec", lambda n, *a: None if n == "mono_quant.bench" else real(n, *a)
-    )
-    code, _, err = _main(capsys, "bench")
-    assert code == 2 and err.strip() == (
-        "mono-quant bench: error: the benchmark module mono_quant.bench is not part of this install"
-    )
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
+        (["--sizes", "0"], "bad --sizes '0'"),
+        (["--unknown"], "unrecognized arguments: --unknown"),
+    ],
+)
+def test_bench_bad_arguments_are_one_line(capsys, args, message):
+    code, out, err = _main(capsys, "bench", *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_bench_help_returns_zero(capsys):
+    code, out, _ = _main(capsys, "bench", "--help")
+    assert code == 0 and "--sizes" in out
