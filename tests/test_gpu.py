@@ -80,9 +80,10 @@ def test_more_than_2_31_elements():
     assert float(pc.running_max.max()) <= 1.0 and int(pc.seen[0]) == (1 << 31) + 4096 - 1
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("cls,kwargs", OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
-def test_forward_never_syncs(cls, kwargs):
-    obs = cls(backend="triton", **kwargs).to(DEV)
+def test_forward_never_syncs(cls, kwargs, backend):
+    obs = cls(backend=backend, **kwargs).to(DEV)
     xs = _data((512, 1024), torch.bfloat16)
     obs(xs[0])  # first call: per-channel buffers are sized, kernels compiled
     torch.cuda.synchronize()
