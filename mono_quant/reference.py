@@ -62,7 +62,7 @@ def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     mn, mx = torch.aminmax(x)
     if _may_branch(x) and math.isfinite(mn.item()) and math.isfinite(mx.item()):
         return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
-    inf = torch.tensor(float("inf"), dtype=torch.float32, device=x.device)
+    inf = torch.full((), float("inf"), dtype=torch.float32, device=x.device)  # a fill, not a host copy
     mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
     for chunk in x.reshape(-1).split(CHUNK):
         finite = torch.isfinite(chunk)
