@@ -365,3 +365,21 @@ def test_float64_tiny_negatives_on_a_coarse_grid():
     obs = _make(HistogramObserver, bins=8)
     obs(torch.tensor([-1e-50, 1000.0, 5.0], dtype=torch.float64))  # -1e-50 is -0.0 in float32
     assert int(obs.counts.sum()) == 3 and int(obs.exponent) > 0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_the_sync_free_path_gives_the_cpu_results(cls, monkeypatch):
+    """The torch path on CUDA never branches on values; run that code on CPU and compare."""
+    from mono_quant import reference
+
+    batches = [torch.randn(6, 40) * 3, torch.randn(6, 40) * 10 + 4, torch.randn(6, 40)]
+    batches[1][2, 5], batches[2][0, 0] = float("nan"), float("-inf")
+    fast = _make(cls)
+    for b in batches:
+        fast(b)
+    monkeypatch.setattr(reference, "_may_branch", lambda x: False)
+    slow = _make(cls)
+    for b in batches:
+        slow(b)
+    for (name, a), (_, b) in zip(fast.state_dict().items(), slow.state_dict().items()):
+        assert torch.equal(a, b), name
