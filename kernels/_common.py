@@ -57,3 +57,37 @@ def load_finite(x_ptr, offs, mask):
     """
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return x, mask & (tl.abs(x) <= 3.4028234663852886e38)
+
+
+@triton.jit
+def accumulate_partials(mn, mx, bad, x, finite, mask):
+    """Fold one tile into a program's running finite min / max and non-finite count (all ``[BLOCK]``)."""
+    mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
+    mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
+    bad += (mask & ~finite).to(tl.int32)
+    return mn, mx, bad
+
+
+@triton.jit
+def store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad):
+    """Write a program's partial results: its finite min, max and non-finite count at index ``pid``."""
+    tl.store(pmin_ptr + pid, tl.min(mn, 0))
+    tl.store(pmax_ptr + pid, tl.max(mx, 0))
+    tl.store(pbad_ptr + pid, tl.sum(bad.to(tl.int64), 0))
+
+
+@triton.jit
+def reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P: tl.constexpr):
+    """The batch's finite min and max from the per-program partials.
+
+    Also adds the batch to ``seen`` (int64 ``(3,)``: finite values, non-finite values, batches).
+    """
+    offs = tl.arange(0, BLOCK_P)
+    m = offs < num_partials
+    mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf")), 0)
+    mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf")), 0)
+    bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0), 0)
+    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
+    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
+    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
+    return mn, mx

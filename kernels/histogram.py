@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_finite, max_programs, prepare_input
+from ._common import (
+    accumulate_partials,
+    load_finite,
+    max_programs,
+    prepare_input,
+    reduce_partials_and_count,
+    store_partials,
+)
 
 __all__ = ["HIST_STRATEGIES", "histogram_update_"]
 
@@ -126,9 +133,7 @@ def _pass_kernel(
         mask = offs < n
         x, finite = load_finite(x_ptr, offs, mask)
         if FUSED:
-            mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
-            mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
-            bad += (mask & ~finite).to(tl.int32)
+            mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
         idx, inside = _bin(x, finite, inv_w, origin, num_bins)
         if TL_HISTOGRAM:
             local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
@@ -138,9 +143,7 @@ def _pass_kernel(
         b = tl.arange(0, NB)
         tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0))
     if FUSED:
-        tl.store(pmin_ptr + pid, tl.min(mn, 0))
-        tl.store(pmax_ptr + pid, tl.max(mx, 0))
-        tl.store(pbad_ptr + pid, tl.sum(bad.to(tl.int64), 0))
+        store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
 
 
 @triton.jit
@@ -169,18 +172,11 @@ def _finalize_kernel(
     rmin, rmax: float32 ``()``; seen: int64 ``(3,)``; exp, org: int64 ``()``; counts, delta: int64
     ``(num_bins,)`` (delta is reused as scratch when the grid changes); flag: int32 ``(1,)``, written.
     """
-    offs = tl.arange(0, BLOCK_P)
-    m = offs < num_partials
-    mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf")), 0)
-    mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf")), 0)
-    bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0), 0)
+    mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
     mn = tl.minimum(tl.load(rmin_ptr), mn)
     mx = tl.maximum(tl.load(rmax_ptr), mx)
     tl.store(rmin_ptr, mn)
     tl.store(rmax_ptr, mx)
-    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
-    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
-    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
 
     # canonical_grid: the smallest e whose bins hold [mn, mx], not below the float32 spacing at max |x|
     empty = ~(mn <= mx)

@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_finite, max_programs, prepare_input
+from ._common import (
+    accumulate_partials,
+    load_finite,
+    max_programs,
+    prepare_input,
+    reduce_partials_and_count,
+    store_partials,
+)
 
 __all__ = ["minmax_per_channel_update_", "minmax_update_"]
 
@@ -71,12 +78,8 @@ def _partial_kernel(
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
         mask = offs < n
         x, finite = load_finite(x_ptr, offs, mask)
-        mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
-        mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
-        bad += (mask & ~finite).to(tl.int32)
-    tl.store(pmin_ptr + pid, tl.min(mn, 0))
-    tl.store(pmax_ptr + pid, tl.max(mx, 0))
-    tl.store(pbad_ptr + pid, tl.sum(bad.to(tl.int64), 0))
+        mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
+    store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
 
 
 @triton.jit
@@ -98,11 +101,7 @@ def _finalize_kernel(
     pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``. rmin, rmax: float32 ``()``; seen: int64 ``(3,)``.
     ``c``: the averaging constant (used when ``EMA``).
     """
-    offs = tl.arange(0, BLOCK_P)
-    m = offs < num_partials
-    mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf")), 0)
-    mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf")), 0)
-    bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0), 0)
+    mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
     run_min = tl.load(rmin_ptr)
     run_max = tl.load(rmax_ptr)
     if EMA:
@@ -111,9 +110,6 @@ def _finalize_kernel(
     else:
         tl.store(rmin_ptr, tl.minimum(run_min, mn))
         tl.store(rmax_ptr, tl.maximum(run_max, mx))
-    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
-    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
-    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
 
 
 @triton.jit
