@@ -144,9 +144,7 @@ def _rows_partial_kernel(
         mask = (rows < R)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         x, finite = load_finite(x_ptr, offs, mask)
-        mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
-        mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
-        bad += (mask & ~finite).to(tl.int32)
+        mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     out = s.to(tl.int64) * C + cols
     tl.store(pmin_ptr + out, tl.min(mn, 0), mask=cmask)
     tl.store(pmax_ptr + out, tl.max(mx, 0), mask=cmask)
@@ -189,9 +187,7 @@ def _inner_partial_kernel(
         mask = cmask[:, None] & (i < INNER)[None, :]
         offs = (o * C + cols[:, None]) * INNER + i[None, :]
         x, finite = load_finite(x_ptr, offs, mask)
-        mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
-        mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
-        bad += (mask & ~finite).to(tl.int32)
+        mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     out = s.to(tl.int64) * C + cols
     tl.store(pmin_ptr + out, tl.min(mn, 1), mask=cmask)
     tl.store(pmax_ptr + out, tl.max(mx, 1), mask=cmask)
