@@ -61,7 +61,7 @@ def load_finite(x_ptr, offs, mask):
 
 @triton.jit
 def accumulate_partials(mn, mx, bad, x, finite, mask):
-    """Fold one tile into a program's running finite min / max and non-finite count (all ``[BLOCK]``)."""
+    """Fold a tile into a program's running finite min, max and non-finite count (tile-shaped)."""
     mn = tl.minimum(mn, tl.where(finite, x, float("inf")))
     mx = tl.maximum(mx, tl.where(finite, x, float("-inf")))
     bad += (mask & ~finite).to(tl.int32)
