@@ -38,7 +38,7 @@ def _timer(smoke: bool):
     return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
 
 
-def _cases(mono_quant, device):
+def _cases(mono_quant, device, strategies):
     """name -> factory(x) returning a zero-argument callable that runs one update on x."""
     mk = lambda cls, **kw: lambda x: (lambda o: lambda: o(x))(cls(**kw).to(device))
     cases = {
@@ -50,9 +50,7 @@ def _cases(mono_quant, device):
         "per_channel_torch": lambda x: _per_channel(mono_quant, x, "torch", device),
         "hist_torch": lambda x: _steady_hist(mono_quant, x, "torch", None, device),
     }
-    from mono_quant.kernels import histogram as khist
-
-    for s in khist.HIST_STRATEGIES:
+    for s in strategies:
         cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
     return cases
 
@@ -95,27 +93,60 @@ def _torch_ao(x):
     return out
 
 
+def _print_row(r: dict) -> None:
+    ms = f"{r['ms']:.4f}" if r["ms"] else "fail"
+    gbps = f"{r.get('GBps', 0):.0f}"
+    frac = f"{r['of_read_ceiling']:.2f}" if r.get("of_read_ceiling") else ""
+    print(f"{r['case']:22} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--sizes", default=None, help="comma-separated element counts")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    p.add_argument(
+        "--strategies",
+        default="default",
+        help="histogram binning strategies to time: 'default' (this Triton's), 'all', or a comma list "
+        "(tl_histogram takes ~30 s to compile per dtype on Triton 3.6)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
+    from mono_quant.kernels import histogram as khist
+
     import mono_quant  # after TRITON_INTERPRET is settled
+
+    strategies = {"default": [khist.HIST_STRATEGY], "all": list(khist.HIST_STRATEGIES)}.get(
+        args.strategies, args.strategies.split(",")
+    )
+    unknown = sorted(set(strategies) - set(khist.HIST_STRATEGIES))
+    if unknown:
+        p.error(f"--strategies: {unknown} not among {list(khist.HIST_STRATEGIES)}")
 
     device = "cpu" if args.smoke else "cuda"
     default = "10000,40960" if args.smoke else "10000,1000000,100000000,1000000000"
     sizes = [int(float(s)) for s in (args.sizes or default).split(",")]
     bench = _timer(args.smoke)
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "triton": __import__("triton").__version__,
+        "default_hist_strategy": khist.HIST_STRATEGY,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_bench.json")
+    print(f"{meta}\n{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}", flush=True)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for n in sizes:
             x = torch.randn(n, device=device, dtype=dtype)
             nbytes = x.numel() * x.element_size()
             fns = _ceilings(x)
-            fns.update({k: f(x) for k, f in _cases(mono_quant, device).items()})
+            fns.update({k: f(x) for k, f in _cases(mono_quant, device, strategies).items()})
             fns.update(_torch_ao(x))
             times = {}
             for name, fn in fns.items():
@@ -140,35 +171,13 @@ def main(argv=None) -> int:
                     row["of_read_ceiling"] = read_ms / ms if read_ms else None
                     row["of_copy_bw"] = (nbytes / ms) / (2 * nbytes / copy_ms) if copy_ms else None
                 rows.append(row)
+                _print_row(row)
+            with open(path, "w") as f:  # after each group: a run cut at its time limit keeps what it measured
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
             fns = x = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-    meta = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-        from mono_quant.kernels import histogram as khist
-
-        meta["default_hist_strategy"] = khist.HIST_STRATEGY
-    except ImportError:
-        pass
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_bench.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\n{meta}\nwrote {path}\n")
-    print(f"{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}")
-    for r in rows:
-        ms = f"{r['ms']:.4f}" if r["ms"] else "fail"
-        gbps = f"{r.get('GBps', 0):.0f}"
-        frac = f"{r['of_read_ceiling']:.2f}" if r.get("of_read_ceiling") else ""
-        print(f"{r['case']:22} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}")
+    print(f"wrote {path}")
     return 0
 
 

@@ -59,7 +59,7 @@ def _make(kind: str, impl: str, dev: torch.device, count: int) -> list:
     backend = impl.removeprefix("mono_quant-")
     if backend == "triton" and (reason := common.triton_skip_reason(dev)):
         pytest.skip(reason)
-    return [common.mono_observer(kind, backend) for _ in range(count)]
+    return [common.mono_observer(kind, backend).to(dev) for _ in range(count)]
 
 
 def _step(observers: list, xs: list[torch.Tensor]) -> list:

@@ -44,12 +44,12 @@ def cases(profile: common.Profile) -> list:
 
 def _observer(kind: str, impl: str, dev: torch.device):
     if impl == "mono_quant-torch":
-        return common.mono_observer(kind, "torch")
+        return common.mono_observer(kind, "torch").to(dev)
     if impl == "mono_quant-triton":
         reason = common.triton_skip_reason(dev)
         if reason:
             pytest.skip(reason)
-        return common.mono_observer(kind, "triton")
+        return common.mono_observer(kind, "triton").to(dev)
     obs = common.torch_ao_observer(kind)
     if obs is None:
         pytest.skip("torch.ao.quantization is not importable in this torch")

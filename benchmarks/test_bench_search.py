@@ -113,7 +113,7 @@ def _test_qparams(benchmark, bins, impl, variant, dev, profile):
         obs = common.torch_ao_observer("histogram", bins=bins)
         if obs is None:
             pytest.skip("torch.ao.quantization is not importable in this torch")
-        obs = obs.to(dev)
+    obs = obs.to(dev)
     obs(x)
     common.record(
         benchmark,

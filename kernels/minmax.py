@@ -39,6 +39,10 @@ __all__ = ["minmax_per_channel_update_", "minmax_update_"]
 
 BLOCK = 4096  # elements per tile of the per-tensor reduction
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile of the per-channel reductions
+# The finalize kernels compute the EMA ``run + c * (cur - run)`` with two roundings, as torch does: with
+# FP fusion (Triton's default) it compiles to one FMA, and the per-channel EMA differed from the torch
+# path in the last bits on the H200 (ranges near zero). benchmarks/compile_sm90.py checks the PTX.
+FINALIZE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -312,7 +316,7 @@ def minmax_update_(
         float(averaging_constant) if ema else 0.0,
         BLOCK_P=max(triton.next_power_of_2(programs), 16),
         EMA=ema,
-        num_warps=4,
+        **FINALIZE_OPTIONS,
     )
 
 
@@ -375,5 +379,5 @@ def minmax_per_channel_update_(
     block_c = min(triton.next_power_of_2(channels), 1024)
     _channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
         pmin[0], pmin[1], pbad, splits, channels, running_min, running_max, seen, x.numel(),
-        float(averaging_constant) if ema else 0.0, BLOCK_C=block_c, EMA=ema, num_warps=4,
+        float(averaging_constant) if ema else 0.0, BLOCK_C=block_c, EMA=ema, **FINALIZE_OPTIONS,
     )  # fmt: skip

@@ -283,12 +283,13 @@ def _forward_cases(
                     x = activation(numel, dtype, device)
                     ceiling = ceiling_seconds(x, rounds=rounds)
                     name = str(dtype).removeprefix("torch.")
-                    impls = [("mono_quant torch", mono_observer(kind, "torch"))]
+                    impls = [("mono_quant torch", mono_observer(kind, "torch").to(device))]
                     if triton_reason is None:
-                        impls.append(("mono_quant triton", mono_observer(kind, "triton")))
+                        impls.append(("mono_quant triton", mono_observer(kind, "triton").to(device)))
                     ao_obs = torch_ao_observer(kind)
                     ao_s = None
                     if ao_obs is not None:
+                        ao_obs = ao_obs.to(device)
                         ao_s = median_seconds(lambda: ao_obs(x), device, rounds=rounds)
                     rows = []
                     for impl, obs in impls:
@@ -310,11 +311,13 @@ def _search_cases(device: torch.device, rounds: int) -> Iterator[tuple[str, Call
             ao_s = None
             rows = []
             if ao_obs is not None:
+                ao_obs = ao_obs.to(device)
                 ao_obs(x)
                 ao_s = median_seconds(ao_obs.calculate_qparams, device, rounds=rounds)
             for method in ("kl", "mse", "percentile"):
                 for qscheme in ("symmetric", "affine"):
                     obs = mono_observer("histogram", "torch", bins=bins, method=method, qscheme=qscheme)
+                    obs = obs.to(device)
                     obs(x)
                     t = median_seconds(obs.calculate_qparams, device, rounds=rounds)
                     case = f"calculate_qparams {bins} bins"

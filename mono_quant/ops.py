@@ -202,16 +202,19 @@ def _register_custom_ops() -> dict:
 
 
 _CUSTOM_OPS = _register_custom_ops()
+# a plain bool and the torch.ops.mono_quant.* calls below: what Dynamo traces in every torch release
+# (torch 2.11's Dynamo cannot trace ``bool(dict)``: seen on the H200 machine)
+_HAVE_CUSTOM_OPS = bool(_CUSTOM_OPS)
 
 
 def _compiling() -> bool:
-    return bool(_CUSTOM_OPS) and torch.compiler.is_compiling()
+    return _HAVE_CUSTOM_OPS and torch.compiler.is_compiling()
 
 
 def minmax_update_(x, running_min, running_max, seen, averaging_constant=None, *, backend="auto") -> None:
     """See ``mono_quant.reference.minmax_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        _CUSTOM_OPS["minmax_update"](x, running_min, running_max, seen, averaging_constant, backend)
+        torch.ops.mono_quant.minmax_update(x, running_min, running_max, seen, averaging_constant, backend)
         return
     _minmax_op(x, running_min, running_max, seen, averaging_constant, backend)
 
@@ -221,7 +224,7 @@ def minmax_per_channel_update_(
 ) -> None:
     """See ``mono_quant.reference.minmax_per_channel_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        _CUSTOM_OPS["minmax_per_channel_update"](
+        torch.ops.mono_quant.minmax_per_channel_update(
             x, ch_axis, running_min, running_max, seen, averaging_constant, backend
         )
         return
@@ -231,6 +234,8 @@ def minmax_per_channel_update_(
 def histogram_update_(x, running_min, running_max, seen, exponent, origin, counts, *, backend="auto") -> None:
     """See ``mono_quant.reference.histogram_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        _CUSTOM_OPS["histogram_update"](x, running_min, running_max, seen, exponent, origin, counts, backend)
+        torch.ops.mono_quant.histogram_update(
+            x, running_min, running_max, seen, exponent, origin, counts, backend
+        )
         return
     _histogram_op(x, running_min, running_max, seen, exponent, origin, counts, backend)

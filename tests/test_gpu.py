@@ -29,13 +29,13 @@ OBSERVERS = [
 def _data(shape, dtype):
     xs = [torch.randn(shape, device=DEV) * s + o for s, o in ((1, 0), (2, -3), (0.5, 4), (1, 0))]
     xs[1].view(-1)[::101] = float("nan")
-    xs[2].view(-1)[7] = float("inf")
+    xs[2].view(-1)[7 % xs[2].numel()] = float("inf")
     return [x.to(dtype) for x in xs]
 
 
-def _assert_same(a, b, rtol=0.0):
+def _assert_same(a, b):
     for (name, g), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=0, msg=name)
+        assert torch.equal(g, w), (name, g, w)
 
 
 @pytest.mark.parametrize("cls,kwargs", OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
@@ -47,7 +47,7 @@ def test_triton_equals_torch_on_cuda(cls, kwargs, dtype, shape):
     for x in _data(shape, dtype):
         tri(x)
         ref(x)
-    _assert_same(tri, ref, rtol=2e-7 if "averaging_constant" in kwargs or "Moving" in cls.__name__ else 0.0)
+    _assert_same(tri, ref)  # bit for bit, the EMA too (its finalize is compiled without FMA)
 
 
 @pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
@@ -77,7 +77,7 @@ def test_more_than_2_31_elements():
     assert int(obs.counts.sum()) == n - 1 and float(obs.running_max) == 7.0
     pc = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend="triton").to(DEV)
     pc(x[: (1 << 31) + 4096].view(-1, 4096))
-    assert float(pc.running_max.max()) <= 1.0 and int(pc.seen[0]) == (1 << 31) + 4096 - 1
+    assert float(pc.running_max.max()) <= 1.0 and pc.seen.tolist() == [(1 << 31) + 4096, 0, 1]  # no NaN there
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -138,4 +138,4 @@ def test_compile_fullgraph_inductor():
     for s in (1.0, 2.0, 0.5):
         x = torch.randn(32, 64, device=DEV) * s
         torch.testing.assert_close(run(x), eager(x))
-    _assert_same(compiled, eager, rtol=2e-7)
+    _assert_same(compiled, eager)

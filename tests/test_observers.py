@@ -156,6 +156,16 @@ def test_non_float_inputs_raise_type_error(cls, dtype):
 
 
 @pytest.mark.parametrize("cls", ALL)
+def test_input_on_another_device_names_both_devices(cls):
+    # a CUDA activation into an observer left on the CPU must not reach the kernels (their error says
+    # "cpu tensor?"); the meta device stands in for CUDA on machines without one
+    obs = _make(cls)
+    with pytest.raises(ValueError, match=r"x is on meta but .* on cpu.*observer\.to\('meta'\)"):
+        obs(torch.empty(4, 3, device="meta"))
+    assert int(obs.seen[2]) == 0
+
+
+@pytest.mark.parametrize("cls", ALL)
 def test_empty_tensor_is_a_no_op(cls):
     obs = _make(cls)
     x = torch.empty(0, 3)

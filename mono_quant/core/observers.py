@@ -94,8 +94,9 @@ class ObserverBase(nn.Module):
 
         Raises:
             TypeError: ``x`` is not a tensor of float16, bfloat16, float32 or float64.
-            ValueError: a per-channel observer got a tensor without its channel axis, or a different
-                number of channels than before.
+            ValueError: ``x`` is on another device than the observer's buffers (move the observer with
+                ``.to(device)``, as any module), or a per-channel observer got a tensor without its channel
+                axis, or a different number of channels than before.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"observers take a torch.Tensor, got {type(x).__name__}")
@@ -103,6 +104,11 @@ class ObserverBase(nn.Module):
             raise TypeError(
                 f"cannot observe a tensor of dtype {x.dtype}; observers take float16, bfloat16, float32 "
                 "or float64 tensors"
+            )
+        if x.device != self.seen.device:
+            raise ValueError(
+                f"x is on {x.device} but this observer's buffers are on {self.seen.device}; "
+                f"move the observer first: observer.to({str(x.device)!r})"
             )
         if x.numel() == 0:
             return x
