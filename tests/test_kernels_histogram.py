@@ -126,3 +126,13 @@ def test_float64_beyond_float32_and_tiny_negatives(strategy):
     seen = state[2]
     assert seen.tolist() == [3 + 3000 + 2, 2 + 1, 3]
     assert int(state[5].sum()) == int(seen[0])
+
+
+def test_strategy_from_environment(monkeypatch):
+    monkeypatch.delenv("MONO_QUANT_HIST_STRATEGY", raising=False)
+    assert khist._default_strategy() == "atomic"
+    monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", " TL_Histogram ")
+    assert khist._default_strategy() == "tl_histogram"
+    monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", "smem")
+    with pytest.raises(ValueError, match="STRATEGY='smem' is not one of atomic, tl_histogram"):
+        khist._default_strategy()
