@@ -2,9 +2,10 @@
 
 For each size and dtype it times (``triton.testing.do_bench``, median ms) one observer update on the same
 tensor: fused min/max, EMA, per-channel (``[tokens, hidden]``, ``ch_axis=-1``), histogram steady state
-(both binning strategies), the torch reference path on the same device, ``torch.ao`` MinMaxObserver and
-HistogramObserver (fp32 only: they reject bf16), and a plain ``x.sum()`` / ``x.clone()`` as the read and
-copy bandwidth ceilings. GB/s counts the bytes of one read of ``x``. Prints a table last and writes JSON.
+(``--strategies``), the torch reference path on the same device, ``torch.ao``'s MinMaxObserver,
+PerChannelMinMaxObserver and HistogramObserver (up to 1e8), and a plain ``x.sum()`` / ``x.clone()`` as
+the read and copy bandwidth ceilings. GB/s counts the bytes of one read of ``x``. Prints each row as it
+is measured and rewrites ``gpu_bench.json`` after each (size, dtype), so a run cut short keeps its rows.
 
 ``--smoke``: tiny sizes on CPU under ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench), so the
 script's logic is checked on machines without a GPU; the numbers mean nothing there.
@@ -55,11 +56,14 @@ def _cases(mono_quant, device, strategies):
     return cases
 
 
+def _hidden(x) -> int:
+    """The widest LLM-like hidden size that divides n (1e9 -> 2560, 1e8 -> 1280, 1e6 -> 320)."""
+    return next(h for h in (4096, 2560, 1280, 640, 320, 160, 80, 16, 1) if x.numel() % h == 0)
+
+
 def _per_channel(mono_quant, x, backend, device):
-    # the widest LLM-like hidden size that divides n (1e9 -> 2560, 1e8 -> 1280, 1e6 -> 320)
-    hidden = next(h for h in (4096, 2560, 1280, 640, 320, 160, 80, 16, 1) if x.numel() % h == 0)
     o = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend=backend).to(device)
-    v = x.view(-1, hidden)
+    v = x.view(-1, _hidden(x))
     return lambda: o(v)
 
 
@@ -80,16 +84,17 @@ def _ceilings(x):
 
 
 def _torch_ao(x):
-    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+    """torch.ao's observers on the same tensor (bf16 too: torch >= 2.11 copies it to fp32 inside)."""
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
-    out = {}
-    if x.dtype == torch.float32:
-        mm = MinMaxObserver().to(x.device)
-        out["ao_minmax"] = lambda: mm(x)
-        if x.numel() <= 100_000_000:  # torch.ao's histogram is slow: keep the script within its budget
-            h = HistogramObserver().to(x.device)
-            h(x)
-            out["ao_histogram"] = lambda: h(x)
+    mm = MinMaxObserver().to(x.device)
+    pc = PerChannelMinMaxObserver(ch_axis=-1).to(x.device)
+    v = x.view(-1, _hidden(x))
+    out = {"ao_minmax": lambda: mm(x), "ao_per_channel": lambda: pc(v)}
+    if x.numel() <= 100_000_000:  # torch.ao's histogram is slow: keep the script within its budget
+        h = HistogramObserver().to(x.device)
+        h(x)
+        out["ao_histogram"] = lambda: h(x)
     return out
 
 

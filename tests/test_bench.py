@@ -156,3 +156,19 @@ def test_report_rejects_other_json(tmp_path, capsys):
     bad.write_text("{}")
     assert report.main([str(bad)]) == 2
     assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+
+
+@pytest.mark.interpreter
+def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
+    # the GPU benchmark script's logic on CPU (interpreter, wall-clock timer): every case runs and is saved
+    pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    gpu_bench = _load("gpu_bench")
+    assert gpu_bench.main(["--smoke", "--sizes", "4096", "--strategies", "all", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"minmax", "ema", "per_channel", "hist_atomic", "hist_tl_histogram", "hist_torch", "ao_minmax",
+            "ao_per_channel", "ao_histogram", "read_ceiling_sum"} <= cases  # fmt: skip
+    assert len(rows) == 2 * len(cases) and all(r["ms"] > 0 for r in rows)  # fp32 and bf16, none failed
+    assert "hist_atomic" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--smoke", "--strategies", "smem", "--out", str(tmp_path)])
