@@ -105,11 +105,50 @@ def _print_row(r: dict) -> None:
     print(f"{r['case']:22} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}", flush=True)
 
 
+BASELINES = {  # case -> (torch.ao case, mono_quant torch-path case) it is compared with
+    "minmax": ("ao_minmax", "minmax_torch"),
+    "ema": ("ao_minmax", "ema_torch"),
+    "per_channel": ("ao_per_channel", "per_channel_torch"),
+    "hist_atomic": ("ao_histogram", "hist_torch"),
+    "hist_tl_histogram": ("ao_histogram", "hist_torch"),
+}
+
+
+def markdown(data: dict) -> str:
+    """A results JSON of this script as a markdown table: the Triton cases beside torch.ao and the torch path
+    measured on the same tensor in the same run (ratios: baseline ms / Triton ms, above 1 is faster)."""
+    meta, rows = data["meta"], data["rows"]
+    ms = {(r["case"], r["dtype"], r["n"]): r["ms"] for r in rows}
+    ratio = lambda base, t: f"{base / t:.2f}x" if base and t else ""
+    lines = [
+        f"{meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}, {meta['date']}; "
+        "median ms by triton.testing.do_bench",
+        "",
+        "| observer | dtype | elements | Triton ms | GB/s | of x.sum() | torch.ao ms | vs torch.ao "
+        "| torch path ms | vs torch path |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["case"] not in BASELINES:
+            continue
+        ao, torch_path = (ms.get((c, r["dtype"], r["n"])) for c in BASELINES[r["case"]])
+        t = r["ms"]
+        cells = [
+            r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.3f}" if t else "fail", f"{r.get('GBps', 0):.0f}",
+            f"{r['of_read_ceiling']:.0%}" if r.get("of_read_ceiling") else "",
+            f"{ao:.3f}" if ao else "", ratio(ao, t), f"{torch_path:.3f}" if torch_path else "",
+            ratio(torch_path, t),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--sizes", default=None, help="comma-separated element counts")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    p.add_argument("--report", metavar="JSON", help="print a results JSON of this script as markdown")
     p.add_argument(
         "--strategies",
         default="default",
@@ -117,6 +156,10 @@ def main(argv=None) -> int:
         "(tl_histogram takes ~30 s to compile per dtype on Triton 3.6)",
     )
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)), end="")
+        return 0
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     from mono_quant.kernels import histogram as khist

@@ -170,5 +170,9 @@ def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
             "ao_per_channel", "ao_histogram", "read_ceiling_sum"} <= cases  # fmt: skip
     assert len(rows) == 2 * len(cases) and all(r["ms"] > 0 for r in rows)  # fp32 and bf16, none failed
     assert "hist_atomic" in capsys.readouterr().out
+    assert gpu_bench.main(["--report", str(tmp_path / "gpu_bench.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = [line.strip("| ").split(" | ") for line in out if line.startswith("| hist_atomic")]
+    assert len(table) == 2 and all(cells[7].endswith("x") and cells[9].endswith("x") for cells in table)
     with pytest.raises(SystemExit):
         gpu_bench.main(["--smoke", "--strategies", "smem", "--out", str(tmp_path)])
