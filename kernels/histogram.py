@@ -18,15 +18,18 @@ One update is three launches and never reads a value on the host:
 
 So the steady state reads ``x`` once; a batch that grows the range reads it twice.
 
-Binning strategies (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``): ``"atomic"`` (the default) adds
-every value with a global integer atomic; ``"tl_histogram"`` accumulates a private histogram per program
-with ``tl.histogram`` (indices clamped by hand into an extra dump bin: out-of-range behaviour differs
-across Triton versions) and adds it once per program. Measured on an H200 (Triton 3.6, 2026-11-29,
-1e9 fp32 values, 2048 bins): ``"atomic"`` 70 ms, ``"tl_histogram"`` 1055 ms (there it lowers to warp votes
-whose cost grows with the bin count, and it spills about 58 KB per thread for sm_90 on 3.6 and 3.7, none
-on 3.8 and 3.9 by ``benchmarks/compile_sm90.py``). The pass's atomics are relaxed (``red``, no fence and
-no return value): nothing reads the counts before the launch ends, and integer adds commute. The 70 ms
-were measured with acquire-release atomics, Triton's default; the relaxed ones are not measured yet.
+Binning strategies (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``): ``"atomic"`` adds every value
+with a global integer atomic; ``"tl_histogram"`` accumulates a private histogram per program with
+``tl.histogram`` (indices clamped by hand into an extra dump bin: out-of-range behaviour differs across
+Triton versions) and adds it once per program. The default follows how ``tl.histogram`` compiles for
+sm_90 (PTX read with each version): from Triton 3.8 on it counts in shared memory (``atom.shared``, one
+per value, then one global add per bin and program: the technique of ``torch.histc`` on CUDA), so
+``"tl_histogram"``; before 3.8 it lowers to warp votes (4096 ``popc`` per tile) and spills about 58 KB per
+thread, so ``"atomic"``. Measured on an H200 with Triton 3.6 (2026-11-29, 1e9 fp32 values, 2048 bins):
+``"atomic"`` 70 ms, ``"tl_histogram"`` 1055 ms; the 3.8 lowering is not timed yet (that machine has 3.6).
+The 70 ms were Triton's default acquire-release atomics (about 14 G atomics/s); the pass's atomics are
+now relaxed (no fence; nothing reads the counts before the launch ends, and integer adds commute; 3.9
+emits them as ``red``), not timed yet either.
 Counts are int64 everywhere but the per-program int32 accumulator (a program never holds 2**31 values).
 """
 
@@ -60,7 +63,8 @@ def _default_strategy() -> str:
         if env not in HIST_STRATEGIES:
             raise ValueError(f"MONO_QUANT_HIST_STRATEGY={env!r} is not one of {', '.join(HIST_STRATEGIES)}")
         return env
-    return "atomic"  # measured 15x faster than tl_histogram on the H200 (Triton 3.6); see the docstring
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return "tl_histogram" if (major, minor) >= (3, 8) else "atomic"  # see the docstring
 
 
 HIST_STRATEGY = _default_strategy()

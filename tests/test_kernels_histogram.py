@@ -14,6 +14,7 @@ from mono_quant import reference
 from mono_quant.core.histogram import E_MIN, internal_bins
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+import triton  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 
 pytestmark = [
@@ -130,7 +131,12 @@ def test_float64_beyond_float32_and_tiny_negatives(strategy):
 
 def test_strategy_from_environment(monkeypatch):
     monkeypatch.delenv("MONO_QUANT_HIST_STRATEGY", raising=False)
+    shared_memory_histogram = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+    assert khist._default_strategy() == ("tl_histogram" if shared_memory_histogram else "atomic")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
     assert khist._default_strategy() == "atomic"
+    monkeypatch.setattr(triton, "__version__", "3.10.1")
+    assert khist._default_strategy() == "tl_histogram"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", " TL_Histogram ")
     assert khist._default_strategy() == "tl_histogram"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", "smem")
