@@ -3,9 +3,10 @@
 For each size and dtype it times (``triton.testing.do_bench``, median ms) one observer update on the same
 tensor: fused min/max, EMA, per-channel (``[tokens, hidden]``, ``ch_axis=-1``), histogram steady state
 (``--strategies``), the torch reference path on the same device, ``torch.ao``'s MinMaxObserver,
-PerChannelMinMaxObserver and HistogramObserver (up to 1e8), and a plain ``x.sum()`` / ``x.clone()`` as
-the read and copy bandwidth ceilings. GB/s counts the bytes of one read of ``x``. Prints each row as it
-is measured and rewrites ``gpu_bench.json`` after each (size, dtype), so a run cut short keeps its rows.
+PerChannelMinMaxObserver and HistogramObserver (up to 1e8), a probe of ``torch.histc`` alone on the bin
+numbers, and a plain ``x.sum()`` / ``x.clone()`` as the read and copy bandwidth ceilings. GB/s counts the
+bytes of one read of ``x``. Prints each row as it is measured and rewrites ``gpu_bench.json`` after each
+(size, dtype), so a run cut short keeps its rows.
 
 ``--smoke``: tiny sizes on CPU under ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench), so the
 script's logic is checked on machines without a GPU; the numbers mean nothing there.
@@ -53,7 +54,16 @@ def _cases(mono_quant, device, strategies):
     }
     for s in strategies:
         cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
+    cases["probe_histc"] = _histc_probe
     return cases
+
+
+def _histc_probe(x):
+    """A probe, not an observer: ``torch.histc`` alone on the bin numbers of ``x`` (4098 bins of width
+    2**-8 around zero, as the 2048-bin observer's grid for randn), i.e. what counting in shared memory
+    costs on this GPU, beside the Triton binning of the same values."""
+    bins = (torch.floor(x.float() * 256) + 2049).clamp_(0, 4097)
+    return lambda: torch.histc(bins, bins=4098, min=-0.5, max=4097.5)
 
 
 def _hidden(x) -> int:

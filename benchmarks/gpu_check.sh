@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU validation (DESIGN.md, "The GPU validation script"); about 6 minutes on an H200.
+# One-command GPU validation (DESIGN.md, "The GPU validation script"): at most 8 minutes on an H200 (the
+# step limits below), plus 2 to 5 minutes for the machine to start: one run fits a 15-minute device budget.
 #   1. installs the package (kernels/ becomes mono_quant.kernels only through the install; a copy on
 #      PYTHONPATH if pip cannot install here);
 #   2. runs the gpu-marked tests with compiled kernels: CUDA vs torch equality, > 2**31 elements, sync-free

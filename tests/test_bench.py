@@ -167,7 +167,7 @@ def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     cases = {r["case"] for r in rows}
     assert {"minmax", "ema", "per_channel", "hist_atomic", "hist_tl_histogram", "hist_torch", "ao_minmax",
-            "ao_per_channel", "ao_histogram", "read_ceiling_sum"} <= cases  # fmt: skip
+            "ao_per_channel", "ao_histogram", "probe_histc", "read_ceiling_sum"} <= cases  # fmt: skip
     assert len(rows) == 2 * len(cases) and all(r["ms"] > 0 for r in rows)  # fp32 and bf16, none failed
     assert "hist_atomic" in capsys.readouterr().out
     assert gpu_bench.main(["--report", str(tmp_path / "gpu_bench.json")]) == 0
