@@ -140,6 +140,17 @@ def test_runner_grad_is_off_and_model_runs_in_eval():
     assert seen == {"grad": False, "training": False}
 
 
+def test_runner_places_each_observer_where_its_activations_are():
+    # a parameter-free target (and any module whose inputs live elsewhere than its parameters, as with
+    # offloading): the observer follows its input; the meta device stands in for CUDA here
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU())
+    result = run_calibration(model, [torch.randn(2, 3)], modules=(nn.Linear, nn.GELU))
+    assert [o.seen.device.type for o in result.observers.values()] == ["cpu", "cpu"]
+    meta = nn.Sequential(nn.GELU(), nn.ReLU())
+    result = run_calibration(meta, [torch.empty(2, 3, device="meta")] * 2, modules=(nn.GELU,))
+    assert result["0"].seen.device.type == "meta" and result["0"].running_min.device.type == "meta"
+
+
 def test_runner_without_matching_modules():
     with pytest.raises(ValueError, match="no module of type"):
         run_calibration(nn.Sequential(nn.ReLU()), [torch.randn(2)], progress=False)

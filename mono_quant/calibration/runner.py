@@ -164,7 +164,8 @@ def run_calibration(
     """Run ``data`` through ``model`` and observe the input activation of every matching module.
 
     The model runs in eval mode under ``torch.no_grad()``; its training flag is restored afterwards, and
-    the hooks are removed on every exit path (also when the model raises).
+    the hooks are removed on every exit path (also when the model raises). Each observer is moved to the
+    device of the activations it observes.
 
     Args:
         model: any ``nn.Module``.
@@ -200,15 +201,13 @@ def run_calibration(
         return create_observer(observer, **kwargs)
 
     result = CalibrationResult({name: make() for name, _ in targets})
-    for obs, (_, m) in zip(result.observers.values(), targets):
-        p = next(m.parameters(), None)
-        if p is not None:
-            obs.to(p.device)
 
     def hook_for(obs: ObserverBase):
         def hook(_module, args, kwargs_=None):
             x = layer_input(args, kwargs_)
             if x is not None:
+                if x.device != obs.seen.device:  # follow the activation (also parameter-free or offloaded)
+                    obs.to(x.device)
                 obs(x)
 
         return hook
