@@ -1,8 +1,9 @@
 """Compile every kernel for sm_90 (H100/H200) without a GPU and report registers and spills.
 
 Uses ``triton.compile`` on an ``ASTSource`` with ``GPUTarget("cuda", 90, 32)``, then the ptxas that ships
-with triton (``ptxas -v``) on the PTX for the register and spill counts. Exits 1 if any kernel spills, or
-if a kernel launched without FP fusion (the EMA finalizes, ``kernels.minmax.FINALIZE_OPTIONS``) holds an FMA.
+with triton (``ptxas -v``) on the PTX for the register and spill counts, each with the options of its
+launches (``kernels._common.launch_options``). Exits 1 if any kernel spills or its PTX holds an FMA (the
+launches ask for no FP fusion, so that float results match the torch twins bit for bit).
 Run: ``python benchmarks/compile_sm90.py`` (about a minute on 2 cores).
 """
 
@@ -19,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
 import triton  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
+from mono_quant.kernels._common import launch_options  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -47,7 +49,7 @@ def _cases():
             "rmax_ptr": P32, "seen_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64,
             "delta_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_bins": "i32"}  # fmt: skip
     yield "minmax_partial", kmm._partial_kernel, part, {"BLOCK": 4096}, 8
-    yield "minmax_finalize", kmm._finalize_kernel, fin, {"BLOCK_P": 2048, "EMA": True}, kmm.FINALIZE_OPTIONS
+    yield "minmax_finalize", kmm._finalize_kernel, fin, {"BLOCK_P": 2048, "EMA": True}, 4
     yield "rows_partial", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128}, 8
     yield (
         "inner_partial",
@@ -56,8 +58,7 @@ def _cases():
         {"BLOCK_C": 1, "BLOCK_I": 4096},
         8,
     )
-    cconsts = {"BLOCK_C": 1024, "EMA": True}
-    yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, kmm.FINALIZE_OPTIONS
+    yield "channel_finalize", kmm._channel_finalize_kernel, cfin, {"BLOCK_C": 1024, "EMA": True}, 4
     for strat in khist.HIST_STRATEGIES:
         for fused in (True, False):
             consts = {"BLOCK": 4096, "NB": 8192, "FUSED": fused,
@@ -70,13 +71,12 @@ def _cases():
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     spilled = False
-    for name, fn, sig, consts, options in _cases():
+    for name, fn, sig, consts, warps in _cases():
         sig = dict(sig, **{k: "constexpr" for k in consts})
-        options = options if isinstance(options, dict) else {"num_warps": options}
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                                options=options)  # fmt: skip
-        if options.get("enable_fp_fusion") is False and "fma." in kernel.asm["ptx"]:
-            print(f"{name}: compiled without FP fusion, yet its PTX holds an FMA")
+                                options=launch_options(warps))  # fmt: skip
+        if "fma." in kernel.asm["ptx"]:
+            print(f"{name}: launched without FP fusion (launch_options), yet its PTX holds an FMA")
             spilled = True
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(kernel.asm["ptx"])

@@ -34,6 +34,17 @@ def max_programs(x: torch.Tensor) -> int:
     return INTERPRETER_PROGRAMS
 
 
+def launch_options(num_warps: int) -> dict:
+    """Keywords of every kernel launch: ``num_warps``, and no FP fusion.
+
+    Without fusion no ``a * b + c`` becomes an FMA, so float results are those of the torch twins'
+    separately rounded ops (with Triton's default, fusion on, the EMA ``run + c * (cur - run)`` differed in
+    the last bits on the H200), and they stay so when Triton's default flips (3.9 warns it will in 3.10).
+    ``benchmarks/compile_sm90.py`` checks that no kernel's PTX holds an FMA.
+    """
+    return {"num_warps": num_warps, "enable_fp_fusion": False}
+
+
 def prepare_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous float tensor the kernels can read.
 

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ._common import (
     accumulate_partials,
+    launch_options,
     load_finite,
     max_programs,
     prepare_input,
@@ -284,7 +285,7 @@ def histogram_update_(
         BLOCK=BLOCK,
         NB=triton.next_power_of_2(num_bins + 1),
         TL_HISTOGRAM=strategy == "tl_histogram",
-        num_warps=8,
+        **launch_options(8),
     )
     grid = (programs,)
     pmax = pmin[programs:]
@@ -294,7 +295,7 @@ def histogram_update_(
     _finalize_kernel[(1,)](
         pmin, pmax, pbad, programs, running_min, running_max, seen, exponent, origin, counts, delta, flag,
         n, num_bins, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=1024, E_LO=E_MIN, E_HI=E_MAX,
-        num_warps=4,
+        **launch_options(4),
     )  # fmt: skip
     _pass_kernel[grid](
         x, pmin, pmax, pbad, counts, exponent, origin, flag, n, num_tiles, num_bins, FUSED=False, **meta

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ._common import (
     accumulate_partials,
+    launch_options,
     load_finite,
     max_programs,
     prepare_input,
@@ -39,10 +40,6 @@ __all__ = ["minmax_per_channel_update_", "minmax_update_"]
 
 BLOCK = 4096  # elements per tile of the per-tensor reduction
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile of the per-channel reductions
-# The finalize kernels compute the EMA ``run + c * (cur - run)`` with two roundings, as torch does: with
-# FP fusion (Triton's default) it compiles to one FMA, and the per-channel EMA differed from the torch
-# path in the last bits on the H200 (ranges near zero). benchmarks/compile_sm90.py checks the PTX.
-FINALIZE_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -278,7 +275,7 @@ def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         n,
         num_tiles,
         BLOCK=BLOCK,
-        num_warps=8,
+        **launch_options(8),
     )
     return pmin[:programs], pmin[programs:], pbad, programs
 
@@ -316,7 +313,7 @@ def minmax_update_(
         float(averaging_constant) if ema else 0.0,
         BLOCK_P=max(triton.next_power_of_2(programs), 16),
         EMA=ema,
-        **FINALIZE_OPTIONS,
+        **launch_options(4),
     )
 
 
@@ -360,7 +357,7 @@ def minmax_per_channel_update_(
         pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
         _rows_partial_kernel[(channel_blocks, splits)](
             x, pmin[0], pmin[1], pbad, outer, channels, row_tiles,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+            BLOCK_R=block_r, BLOCK_C=block_c, **launch_options(8),
         )  # fmt: skip
     else:
         block_i = min(triton.next_power_of_2(inner), TILE)
@@ -373,11 +370,11 @@ def minmax_per_channel_update_(
         pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
         _inner_partial_kernel[(channel_blocks, splits)](
             x, pmin[0], pmin[1], pbad, channels, inner, tiles_per_row, num_tiles,
-            BLOCK_C=block_c, BLOCK_I=block_i, num_warps=8,
+            BLOCK_C=block_c, BLOCK_I=block_i, **launch_options(8),
         )  # fmt: skip
     ema = averaging_constant is not None
     block_c = min(triton.next_power_of_2(channels), 1024)
     _channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
         pmin[0], pmin[1], pbad, splits, channels, running_min, running_max, seen, x.numel(),
-        float(averaging_constant) if ema else 0.0, BLOCK_C=block_c, EMA=ema, **FINALIZE_OPTIONS,
+        float(averaging_constant) if ema else 0.0, BLOCK_C=block_c, EMA=ema, **launch_options(4),
     )  # fmt: skip
