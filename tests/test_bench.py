@@ -159,6 +159,7 @@ def test_report_rejects_other_json(tmp_path, capsys):
 
 
 @pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the +-inf fills
 def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
     # the GPU benchmark script's logic on CPU (interpreter, wall-clock timer): every case runs and is saved
     pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
