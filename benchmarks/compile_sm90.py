@@ -61,8 +61,8 @@ def _cases():
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, {"BLOCK_C": 1024, "EMA": True}, 4
     for strat in khist.HIST_STRATEGIES:
         for fused in (True, False):
-            consts = {"BLOCK": 4096, "NB": 8192, "FUSED": fused,
-                      "TL_HISTOGRAM": strat == "tl_histogram"}  # fmt: skip
+            consts = {"BLOCK": 4096, "NB": 8192, "FUSED": fused, "TL_HISTOGRAM": strat == "tl_histogram",
+                      "WARP_ATOMIC": strat == "warp_atomic"}  # fmt: skip
             yield f"hist_pass_{strat}_{'fused' if fused else 'rebin'}", khist._pass_kernel, hpass, consts, 8
     hconsts = {"BLOCK_P": 2048, "BLOCK_B": 1024, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX}
     yield "hist_finalize", khist._finalize_kernel, hfin, hconsts, 4

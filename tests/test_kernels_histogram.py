@@ -1,9 +1,9 @@
 """Histogram kernels (``mono_quant.kernels.histogram``) against the reference, under the interpreter.
 
 Everything is compared exactly: running min/max, ``seen``, the grid (exponent, origin) and the int64
-counts, after every batch, for both binning strategies. Batches grow the range left, right and both,
-mix in NaN/+-Inf, hold only non-finite values, tiny (subnormal) values, or stay inside the grid (the
-steady state, where the grid must not move).
+counts, after every batch, for each binning strategy the interpreter runs. Batches grow the range left,
+right and both, mix in NaN/+-Inf, hold only non-finite values, tiny (subnormal) values, or stay inside
+the grid (the steady state, where the grid must not move).
 """
 
 import pytest
@@ -57,28 +57,28 @@ def growing(n):
     return [base, torch.rand(n) * 3 + 2, -torch.rand(n) * 7 - 1, torch.randn(n) * 40, torch.randn(n)]
 
 
-@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 7, khist.BLOCK + 1])
 def test_growing_range(strategy, dtype, n):
     check_sequence(growing(n), 64, dtype, strategy)
 
 
-@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
 @pytest.mark.parametrize("bins", [1, 2048])
 def test_sizes_and_bins(strategy, bins):
     seq = [torch.randn(khist.BLOCK - 1), torch.randn(khist.BLOCK) * 3, torch.randn(2 * khist.BLOCK + 3) - 5]
     check_sequence(seq, bins, torch.float32, strategy)
 
 
-@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
 def test_large_batch_then_steady_state(strategy):
     x = torch.randn(150_001) * 3
     state = check_sequence([x, x[:9000] * 0.5], 256, torch.bfloat16, strategy)
     assert int(state[5].sum()) == 150_001 + 9000
 
 
-@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
 def test_special_values(strategy):
     """Nothing finite, zeros only, subnormals (the negative-underflow fix), huge magnitudes."""
     seq = [
@@ -115,7 +115,7 @@ def test_observer_triton_equal_torch(method):
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
 def test_float64_beyond_float32_and_tiny_negatives(strategy):
     # float64 is observed as its float32 values: 1e300 becomes inf (non-finite), -1e-50 becomes -0.0
     seq = [
@@ -140,5 +140,12 @@ def test_strategy_from_environment(monkeypatch):
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", " TL_Histogram ")
     assert khist._default_strategy() == "tl_histogram"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", "smem")
-    with pytest.raises(ValueError, match="STRATEGY='smem' is not one of atomic, tl_histogram"):
+    with pytest.raises(ValueError, match="STRATEGY='smem' is not one of atomic, tl_histogram, warp_atomic"):
         khist._default_strategy()
+
+
+def test_inline_ptx_strategy_refuses_cpu_tensors():
+    state = fresh(16)
+    with pytest.raises(ValueError, match="'warp_atomic' is inline PTX: CUDA tensors only"):
+        khist.histogram_update_(torch.randn(10), *state, strategy="warp_atomic")
+    assert int(state[2][2]) == 0  # nothing was written
