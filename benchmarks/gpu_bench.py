@@ -132,7 +132,7 @@ def markdown(data: dict) -> str:
     ratio = lambda base, t: f"{base / t:.2f}x" if base and t else ""
     lines = [
         f"{meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}, {meta['date']}; "
-        "median ms by triton.testing.do_bench",
+        f"{meta.get('data', 'randn')} data; median ms by triton.testing.do_bench",
         "",
         "| observer | dtype | elements | Triton ms | GB/s | of x.sum() | torch.ao ms | vs torch.ao "
         "| torch path ms | vs torch path |",
@@ -158,6 +158,13 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--sizes", default=None, help="comma-separated element counts")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    p.add_argument(
+        "--data",
+        choices=("randn", "llm"),
+        default="randn",
+        help="randn, or LLM-like activations (mono_quant.bench.activation: outlier channels 20x wider, "
+        "spikes); llm writes gpu_bench-llm.json",
+    )
     p.add_argument("--report", metavar="JSON", help="print a results JSON of this script as markdown")
     p.add_argument(
         "--strategies",
@@ -175,6 +182,7 @@ def main(argv=None) -> int:
     from mono_quant.kernels import histogram as khist
 
     import mono_quant  # after TRITON_INTERPRET is settled
+    from mono_quant.bench import activation
 
     everything = khist.INTERPRETABLE_STRATEGIES if args.smoke else khist.HIST_STRATEGIES
     # default: this Triton's default and every candidate, but tl_histogram only where it is the default
@@ -194,17 +202,22 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "smoke": args.smoke,
+        "data": args.data,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "triton": __import__("triton").__version__,
         "default_hist_strategy": khist.HIST_STRATEGY,
     }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "gpu_bench.json")
+    path = os.path.join(args.out, "gpu_bench.json" if args.data == "randn" else f"gpu_bench-{args.data}.json")
     print(f"{meta}\n{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}", flush=True)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for n in sizes:
-            x = torch.randn(n, device=device, dtype=dtype)
+            if args.data == "randn":
+                x = torch.randn(n, device=device, dtype=dtype)
+            else:  # [tokens, 1000], outlier channels and spikes: most values in a few histogram bins
+                x = activation(n, dtype, device).view(-1)
+            n = x.numel()
             nbytes = x.numel() * x.element_size()
             fns = _ceilings(x)
             fns.update({k: f(x) for k, f in _cases(mono_quant, device, strategies).items()})

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-command GPU validation (DESIGN.md, "The GPU validation script"): at most 8 minutes on an H200 (the
+# One-command GPU validation (DESIGN.md, "The GPU validation script"): at most 8.5 minutes on an H200 (the
 # step limits below), plus 2 to 5 minutes for the machine to start: one run fits a 15-minute device budget.
 #   1. installs the package (kernels/ becomes mono_quant.kernels only through the install; a copy on
 #      PYTHONPATH if pip cannot install here);
 #   2. runs the gpu-marked tests with compiled kernels: CUDA vs torch equality, > 2**31 elements, sync-free
 #      forward (set_sync_debug_mode("error")), CUDA-graph replay, torch.compile(fullgraph=True);
 #   3. benchmarks 1e4..1e9 elements, fp32/bf16, with triton.testing.do_bench, against the torch path,
-#      torch.ao and the measured read/copy ceilings; writes $OUT/gpu_bench.json;
+#      torch.ao and the measured read/copy ceilings; writes $OUT/gpu_bench.json; then the same at 1e8 and
+#      1e9 on LLM-like activations (most values in a few histogram bins): $OUT/gpu_bench-llm.json;
 #   4. runs the pytest-benchmark suite (profile gpu, short rounds) into $OUT/suite.{json,md,png}.
 # Each step has its own time limit (a step cut at its limit is reported, the next one still runs; the
 # suite is interrupted with SIGINT, so its JSON keeps what finished). Logs: $OUT/*.log.
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/results/latest}"
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # tests/conftest.py would otherwise turn the interpreter on
-T_TESTS="${T_TESTS:-170}" T_BENCH="${T_BENCH:-120}" T_SUITE="${T_SUITE:-150}"
+T_TESTS="${T_TESTS:-150}" T_BENCH="${T_BENCH:-120}" T_LLM="${T_LLM:-75}" T_SUITE="${T_SUITE:-150}"
 
 if ! python3 -m pip install --no-deps --no-build-isolation -q -e .; then
     site=$(mktemp -d)
@@ -44,6 +45,8 @@ tail -30 "$OUT/gpu_tests.log"
 
 timeout "$T_BENCH" python3 benchmarks/gpu_bench.py --out "$OUT" >"$OUT/gpu_bench.log" 2>&1
 step $? "gpu_bench.py"
+timeout "$T_LLM" python3 benchmarks/gpu_bench.py --data llm --sizes 1e8,1e9 --out "$OUT" >>"$OUT/gpu_bench.log" 2>&1
+step $? "gpu_bench.py --data llm"
 
 timeout -s INT "$T_SUITE" python3 -m pytest benchmarks/ --bench-profile gpu -q -p no:cacheprovider \
     --benchmark-json="$OUT/suite.json" --benchmark-max-time=0.05 --benchmark-min-rounds=5 \

@@ -175,5 +175,8 @@ def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     table = [line.strip("| ").split(" | ") for line in out if line.startswith("| hist_atomic")]
     assert len(table) == 2 and all(cells[7].endswith("x") and cells[9].endswith("x") for cells in table)
+    assert gpu_bench.main(["--smoke", "--sizes", "4400", "--data", "llm", "--out", str(tmp_path)]) == 0
+    llm = json.loads((tmp_path / "gpu_bench-llm.json").read_text())
+    assert llm["meta"]["data"] == "llm" and {r["n"] for r in llm["rows"]} == {4000}  # [4, 1000]
     with pytest.raises(SystemExit):
         gpu_bench.main(["--smoke", "--strategies", "smem", "--out", str(tmp_path)])
