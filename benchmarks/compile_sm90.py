@@ -58,7 +58,8 @@ def _cases():
         {"BLOCK_C": 1, "BLOCK_I": 4096},
         8,
     )
-    yield "channel_finalize", kmm._channel_finalize_kernel, cfin, {"BLOCK_C": 1024, "EMA": True}, 4
+    cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
+    yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
     for strat in khist.HIST_STRATEGIES:
         for fused in (True, False):
             consts = {"BLOCK": 4096, "NB": 8192, "FUSED": fused, "TL_HISTOGRAM": strat == "tl_histogram",

@@ -207,25 +207,34 @@ def _channel_finalize_kernel(
     seen_ptr,
     n,
     c,
+    BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     EMA: tl.constexpr,
 ):
     """Reduce ``(S, C)`` partials over ``S`` and update the per-channel state in place.
 
-    rmin, rmax: float32 ``(C,)``; seen: int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; each program adds its
-    channels' non-finite count to ``seen`` with integer atomics (order-free, so exact).
+    rmin, rmax: float32 ``(C,)``; seen: int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; each program reads
+    ``[BLOCK_S, BLOCK_C]`` tiles of partials (a split at a time was one dependent round trip to memory per
+    split: about 1.4 us each, by the H200 timings of per-channel against per-tensor) and adds its channels'
+    non-finite count to ``seen`` with integer atomics (order-free, so exact).
     """
     cb = tl.program_id(0)
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mn = tl.full([BLOCK_C], float("inf"), tl.float32)
-    mx = tl.full([BLOCK_C], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK_C], tl.int64)
-    for s in range(0, num_splits):
-        offs = (s + tl.zeros([], tl.int64)) * C + cols
-        mn = tl.minimum(mn, tl.load(pmin_ptr + offs, mask=cmask, other=float("inf")))
-        mx = tl.maximum(mx, tl.load(pmax_ptr + offs, mask=cmask, other=float("-inf")))
-        bad += tl.load(pbad_ptr + offs, mask=cmask, other=0)
+    rows = tl.arange(0, BLOCK_S)
+    mn = tl.full([BLOCK_S, BLOCK_C], float("inf"), tl.float32)
+    mx = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
+    bad = tl.zeros([BLOCK_S, BLOCK_C], tl.int64)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + rows
+        offs = (s + tl.zeros([], tl.int64))[:, None] * C + cols[None, :]
+        m = (s < num_splits)[:, None] & cmask[None, :]
+        mn = tl.minimum(mn, tl.load(pmin_ptr + offs, mask=m, other=float("inf")))
+        mx = tl.maximum(mx, tl.load(pmax_ptr + offs, mask=m, other=float("-inf")))
+        bad += tl.load(pbad_ptr + offs, mask=m, other=0)
+    mn = tl.min(mn, 0)
+    mx = tl.max(mx, 0)
+    bad = tl.sum(bad, 0)
     run_min = tl.load(rmin_ptr + cols, mask=cmask, other=0.0)
     run_max = tl.load(rmax_ptr + cols, mask=cmask, other=0.0)
     if EMA:
@@ -373,8 +382,10 @@ def minmax_per_channel_update_(
             BLOCK_C=block_c, BLOCK_I=block_i, **launch_options(8),
         )  # fmt: skip
     ema = averaging_constant is not None
-    block_c = min(triton.next_power_of_2(channels), 1024)
+    block_c = min(triton.next_power_of_2(channels), 128)
+    block_s = min(triton.next_power_of_2(splits), max(2048 // block_c, 1))
     _channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
         pmin[0], pmin[1], pbad, splits, channels, running_min, running_max, seen, x.numel(),
-        float(averaging_constant) if ema else 0.0, BLOCK_C=block_c, EMA=ema, **launch_options(4),
+        float(averaging_constant) if ema else 0.0, BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema,
+        **launch_options(4),
     )  # fmt: skip
