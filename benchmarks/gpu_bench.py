@@ -55,7 +55,29 @@ def _cases(mono_quant, device, strategies):
     for s in strategies:
         cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
     cases["probe_histc"] = _histc_probe
+    for k in PROGRAMS_PER_SM_PROBES:
+        cases[f"probe_minmax_{k}_per_sm"] = lambda x, k=k: _programs_probe(mono_quant, x, k, device)
     return cases
+
+
+PROGRAMS_PER_SM_PROBES = (2, 3, 4, 6, 12, 16)  # the kernels launch _common.PROGRAMS_PER_SM (8) per SM
+
+
+def _programs_probe(mono_quant, x, k, device):
+    """A probe: MinMax with ``k`` persistent programs per SM instead of ``_common.PROGRAMS_PER_SM``
+    (MinMax reached 70 % of ``x.sum()`` on the H200: too many programs for one wave at ~80 registers?)."""
+    from mono_quant.kernels import _common
+
+    o = mono_quant.MinMaxObserver(backend="triton").to(device)
+
+    def run():
+        default, _common.PROGRAMS_PER_SM = _common.PROGRAMS_PER_SM, k
+        try:
+            o(x)
+        finally:
+            _common.PROGRAMS_PER_SM = default
+
+    return run
 
 
 def _histc_probe(x):
