@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU validation (DESIGN.md, "The GPU validation script"): at most 9.5 minutes on an H200 (the
+# One-command GPU validation (DESIGN.md, "The GPU validation script"): at most 9 minutes on an H200 (the
 # step limits below), plus 2 to 5 minutes for the machine to start: one run fits a 15-minute device budget.
 #   1. installs the package (kernels/ becomes mono_quant.kernels only through the install; a copy on
 #      PYTHONPATH if pip cannot install here);
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/results/latest}"
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # tests/conftest.py would otherwise turn the interpreter on
-T_TESTS="${T_TESTS:-150}" T_BENCH="${T_BENCH:-120}" T_LLM="${T_LLM:-75}" T_SUITE="${T_SUITE:-150}"
+T_TESTS="${T_TESTS:-150}" T_BENCH="${T_BENCH:-120}" T_LLM="${T_LLM:-75}" T_SUITE="${T_SUITE:-120}"
 
 if ! python3 -m pip install --no-deps --no-build-isolation -q -e .; then
     site=$(mktemp -d)
