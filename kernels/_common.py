@@ -88,6 +88,18 @@ def store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad):
 
 
 @triton.jit
+def store_channel_partials(
+    pmin_ptr, pmax_ptr, pbad_ptr, split, C, cols, cmask, mn, mx, bad, AXIS: tl.constexpr
+):
+    """Write one split's per-channel partials (row ``split`` of the ``(S, C)`` arrays) for channels ``cols``,
+    reducing tile-shaped accumulators over ``AXIS`` (the axis that is not the channels)."""
+    out = split.to(tl.int64) * C + cols
+    tl.store(pmin_ptr + out, tl.min(mn, AXIS), mask=cmask)
+    tl.store(pmax_ptr + out, tl.max(mx, AXIS), mask=cmask)
+    tl.store(pbad_ptr + out, tl.sum(bad.to(tl.int64), AXIS), mask=cmask)
+
+
+@triton.jit
 def reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P: tl.constexpr):
     """The batch's finite min and max from the per-program partials.
 

@@ -33,6 +33,7 @@ from ._common import (
     max_programs,
     prepare_input,
     reduce_partials_and_count,
+    store_channel_partials,
     store_partials,
 )
 
@@ -146,10 +147,7 @@ def _rows_partial_kernel(
         offs = rows[:, None] * C + cols[None, :]
         x, finite = load_finite(x_ptr, offs, mask)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
-    out = s.to(tl.int64) * C + cols
-    tl.store(pmin_ptr + out, tl.min(mn, 0), mask=cmask)
-    tl.store(pmax_ptr + out, tl.max(mx, 0), mask=cmask)
-    tl.store(pbad_ptr + out, tl.sum(bad.to(tl.int64), 0), mask=cmask)
+    store_channel_partials(pmin_ptr, pmax_ptr, pbad_ptr, s, C, cols, cmask, mn, mx, bad, 0)
 
 
 @triton.jit
@@ -189,10 +187,7 @@ def _inner_partial_kernel(
         offs = (o * C + cols[:, None]) * INNER + i[None, :]
         x, finite = load_finite(x_ptr, offs, mask)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
-    out = s.to(tl.int64) * C + cols
-    tl.store(pmin_ptr + out, tl.min(mn, 1), mask=cmask)
-    tl.store(pmax_ptr + out, tl.max(mx, 1), mask=cmask)
-    tl.store(pbad_ptr + out, tl.sum(bad.to(tl.int64), 1), mask=cmask)
+    store_channel_partials(pmin_ptr, pmax_ptr, pbad_ptr, s, C, cols, cmask, mn, mx, bad, 1)
 
 
 @triton.jit

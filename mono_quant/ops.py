@@ -188,23 +188,20 @@ _SCHEMAS = {
 }
 
 
-def _register_custom_ops() -> dict:
-    """``torch.ops.mono_quant.*`` for each update, or an empty dict where this torch cannot register them."""
-    ops = {}
+def _register_custom_ops() -> bool:
+    """Register ``torch.ops.mono_quant.*`` for each update; False where this torch cannot."""
     try:
         for name, (fn, schema, mutated) in _SCHEMAS.items():
             op = torch.library.custom_op(f"mono_quant::{name}", fn, mutates_args=mutated, schema=schema)
             op.register_fake(lambda *args, **kwargs: None)
-            ops[name] = op
     except (AttributeError, TypeError, RuntimeError):  # torch < 2.5: no schema= (compile then graph-breaks)
-        return {}
-    return ops
+        return False
+    return True
 
 
-_CUSTOM_OPS = _register_custom_ops()
 # a plain bool and the torch.ops.mono_quant.* calls below: what Dynamo traces in every torch release
 # (torch 2.11's Dynamo cannot trace ``bool(dict)``: seen on the H200 machine)
-_HAVE_CUSTOM_OPS = bool(_CUSTOM_OPS)
+_HAVE_CUSTOM_OPS = _register_custom_ops()
 
 
 def _compiling() -> bool:
