@@ -6,7 +6,8 @@
 #   2. runs the gpu-marked tests with compiled kernels: CUDA vs torch equality, > 2**31 elements, sync-free
 #      forward (set_sync_debug_mode("error")), CUDA-graph replay, torch.compile(fullgraph=True);
 #   3. benchmarks 1e4..1e9 elements, fp32/bf16, with triton.testing.do_bench, against the torch path,
-#      torch.ao and the measured read/copy ceilings; writes $OUT/gpu_bench.json; then at 1e8 and 1e9 on
+#      torch.ao and the measured read/copy ceilings, the histogram with this Triton's default binning and
+#      the tensor-core one (mma); writes $OUT/gpu_bench.json; then at 1e8 and 1e9 on
 #      LLM-like activations (most values in a few histogram bins) with every candidate histogram binning,
 #      the opt-in warp_atomic too: $OUT/gpu_bench-llm.json;
 #   4. runs the pytest-benchmark suite (profile gpu, short rounds) into $OUT/suite.{json,md,png}.
@@ -48,7 +49,7 @@ timeout 40 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rf
 step $? "gpu tests of warp_atomic"
 tail -30 "$OUT/gpu_tests.log"
 
-timeout "$T_BENCH" python3 benchmarks/gpu_bench.py --strategies default --out "$OUT" >"$OUT/gpu_bench.log" 2>&1
+timeout "$T_BENCH" python3 benchmarks/gpu_bench.py --strategies default,mma --out "$OUT" >"$OUT/gpu_bench.log" 2>&1
 step $? "gpu_bench.py"
 timeout "$T_LLM" python3 benchmarks/gpu_bench.py --data llm --sizes 1e8,1e9 --out "$OUT" >>"$OUT/gpu_bench.log" 2>&1
 step $? "gpu_bench.py --data llm"

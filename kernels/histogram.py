@@ -18,8 +18,8 @@ One update is three launches and never reads a value on the host:
 
 So the steady state reads ``x`` once; a batch that grows the range reads it twice.
 
-Binning strategies (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``): ``"atomic"`` adds every value
-with a global integer atomic; ``"tl_histogram"`` accumulates a private histogram per program with
+Binning strategies (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``), each exact and with the same
+result: ``"atomic"`` adds every value with a global integer atomic; ``"tl_histogram"`` accumulates a private histogram per program with
 ``tl.histogram`` (indices clamped by hand into an extra dump bin: out-of-range behaviour differs across
 Triton versions) and adds it once per program. The default follows how ``tl.histogram`` compiles for
 sm_90 (PTX read with each version): from Triton 3.8 on it counts in shared memory (``atom.shared``, one
@@ -33,7 +33,14 @@ emits them as ``red``), not timed yet either. ``"warp_atomic"`` (opt-in, not tim
 the lanes of each warp by bin (``match.any.sync``, inline PTX) and lets one lane per group add the group's
 size: for concentrated data, where most values fall in a few bins, up to 32x fewer atomics. Inline PTX
 does not run in the interpreter, so only the ``gpu`` tests check it (exactly, against the torch path).
-Counts are int64 everywhere but the per-program int32 accumulator (a program never holds 2**31 values).
+``"mma"`` (opt-in, not timed yet) counts on the tensor cores and needs no shared-memory atomics, so it
+also runs fast where ``tl.histogram`` does not (Triton before 3.8): bin ``b`` is the cell
+``(b // LO, b % LO)`` of an int32 ``[HI, LO]`` accumulator per program, and each tile of 128 values adds
+the matmul of its two one-hot matrices, ``[HI, 128] @ [128, LO]`` in int8 (exact). That is ``HI + LO``
+compares and ``HI * LO`` multiply-adds per value instead of an atomic, and the same cost on any data
+(the 4098 bins held for 2048 user bins: 64 x 64). Bins above the largest power of two held (the last 2 of
+4098), and above 8192, are added by atomics.
+Counts are int64 everywhere but the per-program int32 accumulators (a program never holds 2**31 values).
 """
 
 from __future__ import annotations
@@ -58,9 +65,20 @@ __all__ = ["HIST_STRATEGIES", "histogram_update_"]
 
 BLOCK = 4096
 E_MIN, E_MAX = -126, 126
-HIST_STRATEGIES = ("atomic", "tl_histogram", "warp_atomic")
+HIST_STRATEGIES = ("atomic", "tl_histogram", "warp_atomic", "mma")
 # strategies the interpreter can run (``"warp_atomic"`` is inline PTX: compiled CUDA only)
-INTERPRETABLE_STRATEGIES = ("atomic", "tl_histogram")
+INTERPRETABLE_STRATEGIES = ("atomic", "tl_histogram", "mma")
+MMA_BLOCK = 128  # values per tile (the matmul's K) of the "mma" binning
+# bins the "mma" binning counts on the tensor cores (an int32 [64, 128] accumulator); the rest by atomics
+MMA_MAX_BINS = 8192
+
+
+def _mma_shape(num_bins: int) -> tuple[int, int]:
+    """``(HI, LO)`` of the ``"mma"`` accumulator: the largest power of two of bins up to ``num_bins``
+    (at least 256: ``tl.dot`` needs 16 rows and columns, at most ``MMA_MAX_BINS``), 64 rows where it can."""
+    nbd = min(max(1 << (num_bins.bit_length() - 1), 256), MMA_MAX_BINS)
+    hi = min(64, nbd // 16)
+    return hi, nbd // hi
 
 
 def _default_strategy() -> str:
@@ -129,6 +147,22 @@ def _warp_leader_counts(idx):
 
 
 @triton.jit
+def _onehot_dot(idx, inside, acc, HI: tl.constexpr, LO: tl.constexpr):
+    """Add a tile's bins below ``HI * LO`` to ``acc`` (int32 ``[HI, LO]``, bin ``r * LO + c`` at ``[r, c]``).
+
+    ``acc[r, c] += sum_k [idx_k // LO == r] * [idx_k % LO == c]``: one int8 matmul of two one-hot
+    matrices, ``[HI, K] @ [K, LO]``, exact in int32. Binning costs ``HI + LO`` compares and ``HI * LO``
+    tensor-core multiply-adds per value, and no atomic; values outside, or at bins ``>= HI * LO``, get a
+    row that matches nothing.
+    """
+    i = tl.where(inside, idx, -1).to(tl.int32)
+    row = tl.where((i >= 0) & (i < HI * LO), i // LO, HI)
+    a = (tl.arange(0, HI)[:, None] == row[None, :]).to(tl.int8)
+    b = ((i % LO)[:, None] == tl.arange(0, LO)[None, :]).to(tl.int8)
+    return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+
+@triton.jit
 def _pass_kernel(
     x_ptr,
     pmin_ptr,
@@ -144,15 +178,18 @@ def _pass_kernel(
     BLOCK: tl.constexpr,
     NB: tl.constexpr,
     FUSED: tl.constexpr,
-    TL_HISTOGRAM: tl.constexpr,
-    WARP_ATOMIC: tl.constexpr,
+    STRATEGY: tl.constexpr,
+    HI: tl.constexpr,
+    LO: tl.constexpr,
 ):
     """Bin ``x`` on the grid in device memory; fused with the min/max partials, or gated by a flag.
 
     x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)`` (written when ``FUSED``).
     hist: int64 ``(num_bins,)``, added to. exp, org: int64 ``()``, the grid. flag: int32 ``(1,)``, read when
     not ``FUSED``: 0 means nothing to do. ``NB``: a power of two above ``num_bins`` (the last bins are the
-    dump for values outside). Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
+    dump for values outside). ``STRATEGY``: one of ``HIST_STRATEGIES``; ``HI``, ``LO``: the shape of the
+    ``"mma"`` accumulator (bins ``[0, HI * LO)`` on the tensor cores, the rest by atomics; 1 otherwise).
+    Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -166,6 +203,7 @@ def _pass_kernel(
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
     bad = tl.zeros([BLOCK], tl.int32)
     local = tl.zeros([NB], tl.int32)
+    acc = tl.zeros([HI, LO], tl.int32)
     for t in range(pid, tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
         mask = offs < n
@@ -173,18 +211,25 @@ def _pass_kernel(
         if FUSED:
             mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
         idx, inside = _bin(x, finite, inv_w, origin, num_bins)
-        if TL_HISTOGRAM:
+        if STRATEGY == "tl_histogram":
             local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
-        elif WARP_ATOMIC:
+        elif STRATEGY == "mma":
+            acc = _onehot_dot(idx, inside, acc, HI, LO)
+            one = tl.full([BLOCK], 1, tl.int64)
+            tl.atomic_add(hist_ptr + idx, one, mask=inside & (idx >= HI * LO), sem="relaxed")
+        elif STRATEGY == "warp_atomic":
             # one atomic per distinct bin per warp and register: concentrated data (most values in a few
             # bins, as LLM activations with outliers give) needs up to 32x fewer
             cnt = _warp_leader_counts(tl.where(inside, idx, -1).to(tl.int32))
             tl.atomic_add(hist_ptr + idx, cnt.to(tl.int64), mask=inside & (cnt > 0), sem="relaxed")
         else:
             tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
-    if TL_HISTOGRAM:
+    if STRATEGY == "tl_histogram":
         b = tl.arange(0, NB)
         tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0), sem="relaxed")
+    if STRATEGY == "mma":
+        b = tl.arange(0, HI)[:, None] * LO + tl.arange(0, LO)[None, :]
+        tl.atomic_add(hist_ptr + b, acc.to(tl.int64), mask=(b < num_bins) & (acc > 0), sem="relaxed")
     if FUSED:
         store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
 
@@ -318,18 +363,20 @@ def histogram_update_(
     x = prepare_input(x)
     n = x.numel()
     num_bins = counts.shape[0]
-    num_tiles = triton.cdiv(n, BLOCK)
+    block, warps, hi, lo = (MMA_BLOCK, 4, *_mma_shape(num_bins)) if strategy == "mma" else (BLOCK, 8, 1, 1)
+    num_tiles = triton.cdiv(n, block)
     programs = min(num_tiles, max_programs(x))
     pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
     pbad = torch.empty(programs + 1, dtype=torch.int64, device=x.device)
     flag = pbad[programs:].view(torch.int32)  # 2 int32 words; the first is the flag
     delta = torch.zeros(num_bins, dtype=torch.int64, device=x.device)
     meta = dict(
-        BLOCK=BLOCK,
+        BLOCK=block,
         NB=triton.next_power_of_2(num_bins + 1),
-        TL_HISTOGRAM=strategy == "tl_histogram",
-        WARP_ATOMIC=strategy == "warp_atomic",
-        **launch_options(8),
+        STRATEGY=strategy,
+        HI=hi,
+        LO=lo,
+        **launch_options(warps),
     )
     grid = (programs,)
     pmax = pmin[programs:]

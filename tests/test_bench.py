@@ -167,16 +167,20 @@ def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
     assert gpu_bench.main(["--smoke", "--sizes", "4096", "--strategies", "all", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     cases = {r["case"] for r in rows}
-    assert {"minmax", "ema", "per_channel", "hist_atomic", "hist_tl_histogram", "hist_torch", "ao_minmax",
-            "ao_per_channel", "ao_histogram", "probe_histc", "read_ceiling_sum"} <= cases  # fmt: skip
+    want = {"minmax", "ema", "per_channel", "hist_atomic", "hist_tl_histogram", "hist_mma", "hist_torch",
+            "ao_minmax", "ao_per_channel", "ao_histogram", "probe_histc", "read_ceiling_sum"}  # fmt: skip
+    assert want <= cases
     assert len(rows) == 2 * len(cases) and all(r["ms"] > 0 for r in rows)  # fp32 and bf16, none failed
     assert "hist_atomic" in capsys.readouterr().out
     assert gpu_bench.main(["--report", str(tmp_path / "gpu_bench.json")]) == 0
     out = capsys.readouterr().out.splitlines()
     table = [line.strip("| ").split(" | ") for line in out if line.startswith("| hist_atomic")]
     assert len(table) == 2 and all(cells[7].endswith("x") and cells[9].endswith("x") for cells in table)
-    assert gpu_bench.main(["--smoke", "--sizes", "4400", "--data", "llm", "--out", str(tmp_path)]) == 0
+    args = ["--smoke", "--sizes", "4400", "--data", "llm", "--strategies", "default,atomic,default"]
+    assert gpu_bench.main([*args, "--out", str(tmp_path)]) == 0
     llm = json.loads((tmp_path / "gpu_bench-llm.json").read_text())
     assert llm["meta"]["data"] == "llm" and {r["n"] for r in llm["rows"]} == {4000}  # [4, 1000]
+    hist = sorted(r["case"] for r in llm["rows"] if r["case"].startswith("hist_") and r["dtype"] == "float32")
+    assert hist == sorted({"hist_torch", "hist_atomic", f"hist_{llm['meta']['default_hist_strategy']}"})
     with pytest.raises(SystemExit):
         gpu_bench.main(["--smoke", "--strategies", "smem", "--out", str(tmp_path)])

@@ -92,6 +92,22 @@ def test_special_values(strategy):
     assert got[2].tolist() == [3 + 4 + 2 + 2, 4 + 1, 5]
 
 
+@pytest.mark.parametrize("bins", [4, 2048, 5000])
+def test_mma_binning_at_its_bounds(bins):
+    """The tensor-core binning counts bins below ``HI * LO``, atomics the rest: values on both sides of
+    that bound, and (5000 bins: 10002 held, above ``MMA_MAX_BINS``) a tail counted by atomics only."""
+    held = internal_bins(bins)
+    hi, lo = khist._mma_shape(held)
+    assert hi * lo == min(max(1 << (held.bit_length() - 1), 256), khist.MMA_MAX_BINS)
+    assert hi >= 16 and lo >= 16 and (hi * lo <= held or hi * lo == 256)
+    x = torch.linspace(-1, 1, 3 * held + 7)  # every bin of the grid it gets holds values
+    x[5::11] = float("nan")
+    got = check_sequence([x, x.flip(0)[:1001] * 0.9], bins, torch.float32, "mma")
+    counts = got[5]
+    assert int(counts.sum()) == int(got[2][0])
+    assert int(counts[hi * lo :].sum()) > 0 or hi * lo >= held
+
+
 def test_steady_state_keeps_grid():
     got = fresh(128)
     khist.histogram_update_(torch.linspace(-4, 4, 1001), *got)
@@ -140,7 +156,7 @@ def test_strategy_from_environment(monkeypatch):
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", " TL_Histogram ")
     assert khist._default_strategy() == "tl_histogram"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", "smem")
-    with pytest.raises(ValueError, match="STRATEGY='smem' is not one of atomic, tl_histogram, warp_atomic"):
+    with pytest.raises(ValueError, match="'smem' is not one of atomic, tl_histogram, warp_atomic, mma"):
         khist._default_strategy()
 
 
