@@ -3,8 +3,7 @@
 Uses ``triton.compile`` on an ``ASTSource`` with ``GPUTarget("cuda", 90, 32)``, then the ptxas that ships
 with triton (``ptxas -v``) on the PTX for the register and spill counts, each with the options of its
 launches (``kernels._common.launch_options``). Exits 1 if any kernel spills or its PTX holds an FMA (the
-launches ask for no FP fusion, so that float results match the torch twins bit for bit), or if the
-``"mma"`` histogram binning does not reach the tensor cores (no ``wgmma`` in its PTX).
+launches ask for no FP fusion, so that float results match the torch twins bit for bit).
 Run: ``python benchmarks/compile_sm90.py`` (about a minute on 2 cores).
 """
 
@@ -61,15 +60,13 @@ def _cases():
     )
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
-    for strat in khist.HIST_STRATEGIES:
-        # 4098 bins (2048 user bins); "mma" at its largest accumulator, 8192 bins
-        mma = strat == "mma"
-        hi, lo = khist._mma_shape(khist.MMA_MAX_BINS) if mma else (1, 1)
+    for strat in khist.HIST_STRATEGIES:  # 4098 bins held (2048 user bins)
         for fused in (True, False):
-            consts = {"BLOCK": khist.MMA_BLOCK if mma else khist.BLOCK, "NB": 8192, "FUSED": fused,
-                      "STRATEGY": strat, "HI": hi, "LO": lo}  # fmt: skip
-            name = f"hist_pass_{strat}_{'fused' if fused else 'rebin'}"
-            yield name, khist._pass_kernel, hpass, consts, 4 if mma else 8
+            consts = {"BLOCK": khist.BLOCK, "NB": 8192, "FUSED": fused, "STRATEGY": strat}
+            yield f"hist_pass_{strat}_{'fused' if fused else 'rebin'}", khist._pass_kernel, hpass, consts, 8
+    hbins = {"x_ptr": PX, "out_ptr": P32, "exp_ptr": P64, "org_ptr": P64, "start": "i64", "m": "i32",
+             "num_bins": "i32"}  # fmt: skip
+    yield "hist_bin_numbers", khist._bin_numbers_kernel, hbins, {"BLOCK": khist.BLOCK}, 8
     hconsts = {"BLOCK_P": 2048, "BLOCK_B": 1024, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX}
     yield "hist_finalize", khist._finalize_kernel, hfin, hconsts, 4
 
@@ -83,9 +80,6 @@ def main() -> int:
                                 options=launch_options(warps))  # fmt: skip
         if "fma." in kernel.asm["ptx"]:
             print(f"{name}: launched without FP fusion (launch_options), yet its PTX holds an FMA")
-            spilled = True
-        if "_mma_" in name and "wgmma.mma_async" not in kernel.asm["ptx"]:
-            print(f"{name}: the tensor-core binning compiled without wgmma")
             spilled = True
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(kernel.asm["ptx"])

@@ -60,12 +60,12 @@ def _cases(mono_quant, device, strategies):
     return cases
 
 
-PROGRAMS_PER_SM_PROBES = (2, 3, 4, 6, 12, 16)  # the kernels launch _common.PROGRAMS_PER_SM (8) per SM
+PROGRAMS_PER_SM_PROBES = (3, 4, 8, 12)  # the kernels launch _common.PROGRAMS_PER_SM (6) per SM
 
 
 def _programs_probe(mono_quant, x, k, device):
-    """A probe: MinMax with ``k`` persistent programs per SM instead of ``_common.PROGRAMS_PER_SM``
-    (MinMax reached 70 % of ``x.sum()`` on the H200: too many programs for one wave at ~80 registers?)."""
+    """A probe: MinMax with ``k`` persistent programs per SM instead of ``_common.PROGRAMS_PER_SM`` (whole
+    waves of resident programs: 8 per SM made MinMax 7 % slower than 6 at 1e9 values on the H200)."""
     from mono_quant.kernels import _common
 
     o = mono_quant.MinMaxObserver(backend="triton").to(device)
@@ -125,8 +125,11 @@ def _torch_ao(x):
     out = {"ao_minmax": lambda: mm(x), "ao_per_channel": lambda: pc(v)}
     if x.numel() <= 100_000_000:  # torch.ao's histogram is slow: keep the script within its budget
         h = HistogramObserver().to(x.device)
-        h(x)
-        out["ao_histogram"] = lambda: h(x)
+        try:
+            h(x)
+            out["ao_histogram"] = lambda: h(x)
+        except (NotImplementedError, RuntimeError) as e:  # torch 2.11: no bf16 torch.histc on CUDA
+            print(f"ao_histogram n={x.numel()} {x.dtype}: {type(e).__name__}: {e}", file=sys.stderr)
     return out
 
 
@@ -141,9 +144,14 @@ BASELINES = {  # case -> (torch.ao case, mono_quant torch-path case) it is compa
     "minmax": ("ao_minmax", "minmax_torch"),
     "ema": ("ao_minmax", "ema_torch"),
     "per_channel": ("ao_per_channel", "per_channel_torch"),
-    "hist_atomic": ("ao_histogram", "hist_torch"),
-    "hist_tl_histogram": ("ao_histogram", "hist_torch"),
 }
+HIST_BASELINES = ("ao_histogram", "hist_torch")  # of every hist_<strategy> case
+
+
+def _baselines(case: str) -> tuple[str, str] | None:
+    if case.startswith("hist_") and case != "hist_torch":
+        return HIST_BASELINES
+    return BASELINES.get(case)
 
 
 def markdown(data: dict) -> str:
@@ -161,9 +169,9 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["case"] not in BASELINES:
+        if _baselines(r["case"]) is None:
             continue
-        ao, torch_path = (ms.get((c, r["dtype"], r["n"])) for c in BASELINES[r["case"]])
+        ao, torch_path = (ms.get((c, r["dtype"], r["n"])) for c in _baselines(r["case"]))
         t = r["ms"]
         cells = [
             r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.3f}" if t else "fail", f"{r.get('GBps', 0):.0f}",
@@ -172,6 +180,16 @@ def markdown(data: dict) -> str:
             ratio(torch_path, t),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    probes = [r for r in rows if r["case"].startswith("probe_")]
+    if probes:
+        lines += ["", "Probes (inputs to the next kernel changes, not observers):", "",
+                  "| probe | dtype | elements | ms | GB/s | of x.sum() |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in probes:
+            t, frac = r["ms"], r.get("of_read_ceiling")
+            cells = [r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.3f}" if t else "fail",
+                     f"{r.get('GBps', 0):.0f}", f"{frac:.0%}" if frac else ""]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     p.add_argument("--sizes", default=None, help="comma-separated element counts")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     p.add_argument(
         "--data",
         choices=("randn", "llm"),
@@ -191,8 +210,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--strategies",
         default="candidates",
-        help="histogram binning strategies to time, a comma list of names and of 'default' (this "
-        "Triton's), 'candidates' (all but tl_histogram before Triton 3.8) or 'all'",
+        help="histogram binning strategies to time, a comma list of names and of 'default' (histc, or "
+        "MONO_QUANT_HIST_STRATEGY), 'candidates' (all but tl_histogram before Triton 3.8) or 'all'",
     )
     args = p.parse_args(argv)
     if args.report:
@@ -201,15 +220,17 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
+    import triton
     from mono_quant.kernels import histogram as khist
 
     import mono_quant  # after TRITON_INTERPRET is settled
     from mono_quant.bench import activation
 
-    everything = khist.INTERPRETABLE_STRATEGIES if args.smoke else khist.HIST_STRATEGIES
-    # candidates: every strategy, but tl_histogram only where it is the default (before Triton 3.8 it
-    # lowers to warp votes: 15x slower, measured, and ~30 s of compiling per dtype)
-    candidates = [s for s in everything if s != "tl_histogram" or khist.HIST_STRATEGY == s]
+    everything = khist.HIST_STRATEGIES
+    # candidates: every strategy, but tl_histogram only from Triton 3.8 on (before, it lowers to warp
+    # votes: 15x slower, measured, and ~30 s of compiling per dtype)
+    shared_memory_tl_histogram = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+    candidates = [s for s in everything if s != "tl_histogram" or shared_memory_tl_histogram]
     named = {"default": [khist.HIST_STRATEGY], "candidates": candidates, "all": list(everything)}
     strategies = list(dict.fromkeys(s for tok in args.strategies.split(",") for s in named.get(tok, [tok])))
     unknown = sorted(set(strategies) - set(khist.HIST_STRATEGIES))
@@ -219,6 +240,7 @@ def main(argv=None) -> int:
     device = "cpu" if args.smoke else "cuda"
     default = "10000,40960" if args.smoke else "10000,1000000,100000000,1000000000"
     sizes = [int(float(s)) for s in (args.sizes or default).split(",")]
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     bench = _timer(args.smoke)
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -233,7 +255,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "gpu_bench.json" if args.data == "randn" else f"gpu_bench-{args.data}.json")
     print(f"{meta}\n{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}", flush=True)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for n in sizes:
             if args.data == "randn":
                 x = torch.randn(n, device=device, dtype=dtype)

@@ -6,11 +6,12 @@
 #   2. runs the gpu-marked tests with compiled kernels: CUDA vs torch equality, > 2**31 elements, sync-free
 #      forward (set_sync_debug_mode("error")), CUDA-graph replay, torch.compile(fullgraph=True);
 #   3. benchmarks 1e4..1e9 elements, fp32/bf16, with triton.testing.do_bench, against the torch path,
-#      torch.ao and the measured read/copy ceilings, the histogram with this Triton's default binning and
-#      the tensor-core one (mma); writes $OUT/gpu_bench.json; then at 1e8 and 1e9 on
-#      LLM-like activations (most values in a few histogram bins) with every candidate histogram binning,
-#      the opt-in warp_atomic too: $OUT/gpu_bench-llm.json;
-#   4. runs the pytest-benchmark suite (profile gpu, short rounds) into $OUT/suite.{json,md,png}.
+#      torch.ao and the measured read/copy ceilings, the histogram with the default binning (histc) and
+#      atomic; writes $OUT/gpu_bench.json; then at 1e8 and 1e9 on LLM-like activations (most values in a
+#      few histogram bins) with every candidate binning: $OUT/gpu_bench-llm.json;
+#   (before 3: its JSON is written only when it ends) runs the pytest-benchmark suite (profile gpu, short
+#      rounds) into $OUT/suite.{json,md,png}.
+# STEPS (default "tests bench llm suite") picks the steps of a rerun; BENCH_ARGS adds gpu_bench options.
 # Each step has its own time limit (a step cut at its limit is reported, the next one still runs; the
 # suite is interrupted with SIGINT, so its JSON keeps what finished). Logs: $OUT/*.log.
 # Keep the results: copy them to benchmarks/results/<date>-gpu-<gpu name>.* and commit them.
@@ -21,6 +22,9 @@ OUT="${OUT:-$PWD/benchmarks/results/latest}"
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # tests/conftest.py would otherwise turn the interpreter on
 T_TESTS="${T_TESTS:-150}" T_BENCH="${T_BENCH:-120}" T_LLM="${T_LLM:-75}" T_SUITE="${T_SUITE:-120}"
+STEPS="${STEPS:-tests bench llm suite}"  # a rerun can take only some, e.g. STEPS=suite
+BENCH_ARGS="${BENCH_ARGS:-}"  # more gpu_bench.py options for the bench step, e.g. --dtypes bfloat16
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if ! python3 -m pip install --no-deps --no-build-isolation -q -e .; then
     site=$(mktemp -d)
@@ -40,33 +44,39 @@ step() {  # step NAME: report a failed or timed-out step and go on
     fi
 }
 
-# the binnings never run on a GPU yet (warp_atomic: inline PTX; mma) in a process of their own: a fault
-# there cannot take the rest down
-timeout "$T_TESTS" python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rfE --durations=5 \
-    -k "not warp_atomic and not mma" >"$OUT/gpu_tests.log" 2>&1
-step $? "gpu tests"
-timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rfE -k "warp_atomic or mma" \
-    >>"$OUT/gpu_tests.log" 2>&1
-step $? "gpu tests of warp_atomic and mma"
-tail -30 "$OUT/gpu_tests.log"
-
-timeout "$T_BENCH" python3 benchmarks/gpu_bench.py --strategies default,mma --out "$OUT" >"$OUT/gpu_bench.log" 2>&1
-step $? "gpu_bench.py"
-timeout "$T_LLM" python3 benchmarks/gpu_bench.py --data llm --sizes 1e8,1e9 --out "$OUT" >>"$OUT/gpu_bench.log" 2>&1
-step $? "gpu_bench.py --data llm"
-
-timeout -s INT "$T_SUITE" python3 -m pytest benchmarks/ --bench-profile gpu -q -p no:cacheprovider \
-    --benchmark-json="$OUT/suite.json" --benchmark-max-time=0.05 --benchmark-min-rounds=5 \
-    --benchmark-columns=median,rounds >"$OUT/suite.log" 2>&1
-step $? "benchmark suite"
-tail -4 "$OUT/suite.log"
-if [ -s "$OUT/suite.json" ]; then
-    python3 benchmarks/report.py "$OUT/suite.json" --md "$OUT/suite.md" --plot "$OUT/suite.png" \
-        --title "$(date +%F), $(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
-        >>"$OUT/suite.log" 2>&1
-    step $? "report.py"
+if has tests; then
+    timeout "$T_TESTS" python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -rfE --durations=5 \
+        >"$OUT/gpu_tests.log" 2>&1
+    step $? "gpu tests"
+    tail -30 "$OUT/gpu_tests.log"
 fi
 
-tail -75 "$OUT/gpu_bench.log"
+if has suite; then
+    timeout -s INT "$T_SUITE" python3 -m pytest benchmarks/ --bench-profile gpu -q -p no:cacheprovider \
+        --benchmark-json="$OUT/suite.json" --benchmark-max-time=0.05 --benchmark-min-rounds=5 \
+        --benchmark-columns=median,rounds >"$OUT/suite.log" 2>&1
+    step $? "benchmark suite"
+    tail -4 "$OUT/suite.log"
+    if [ -s "$OUT/suite.json" ]; then
+        python3 benchmarks/report.py "$OUT/suite.json" --md "$OUT/suite.md" --plot "$OUT/suite.png" \
+            --title "$(date +%F), $(python3 -c 'import torch; print(torch.cuda.get_device_name())')" \
+            >>"$OUT/suite.log" 2>&1
+        step $? "report.py"
+    fi
+fi
+
+if has bench; then
+    # shellcheck disable=SC2086
+    timeout "$T_BENCH" python3 benchmarks/gpu_bench.py --strategies default,atomic $BENCH_ARGS --out "$OUT" \
+        >>"$OUT/gpu_bench.log" 2>&1
+    step $? "gpu_bench.py"
+fi
+if has llm; then
+    timeout "$T_LLM" python3 benchmarks/gpu_bench.py --data llm --sizes 1e8,1e9 --out "$OUT" \
+        >>"$OUT/gpu_bench.log" 2>&1
+    step $? "gpu_bench.py --data llm"
+fi
+
+[ -f "$OUT/gpu_bench.log" ] && tail -75 "$OUT/gpu_bench.log"
 echo "gpu_check: $([ $status -eq 0 ] && echo passed || echo FAILED); results in $OUT"
 exit $status

@@ -1,45 +1,42 @@
-"""Canonical-grid histogram kernels: binning fused with the min/max, grid decision and coarsening on the
-device. Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of
-``mono_quant.core.histogram`` (``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``),
-re-derived here because kernels never import mono_quant.
-
-One update is three launches and never reads a value on the host:
+"""Canonical-grid histogram kernels: min/max, grid decision and coarsening on the device, and binning.
+Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of ``mono_quant.core.histogram``
+(``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``), re-derived here because kernels never
+import mono_quant. An update never reads a value on the host:
 
 1. ``_pass_kernel`` (fused): one read of ``x``. Each persistent program keeps the finite min/max and the
-   non-finite count (per-program partials, as in ``minmax.py``) and bins every finite value against the
-   grid currently in device memory (``exponent``, ``origin``), adding to a zeroed ``delta`` histogram.
-   Values outside the current grid are dropped there: the grid will change and step 3 redoes them.
+   non-finite count (per-program partials, as in ``minmax.py``); with the ``"atomic"`` and
+   ``"tl_histogram"`` binnings it also bins every finite value against the grid currently in device
+   memory (``exponent``, ``origin``) into a zeroed ``delta`` histogram. Values outside the current grid
+   are dropped there: the grid will change and step 3 redoes them.
 2. ``_finalize_kernel`` (one program): reduces the partials, merges the running min/max, updates
    ``seen``, computes the canonical grid of the new range by testing all 253 exponents at once, and then
-   either (grid unchanged, the steady state) adds ``delta`` to ``counts``, or (grid changed) moves the old
-   counts onto the new grid (integer shifts, exact) and raises a flag.
-3. ``_pass_kernel`` (re-bin): reads the flag; when it is down every program exits before loading anything
-   (a launch and nothing else); when up, it bins all of ``x`` on the new grid straight into ``counts``.
+   either (grid unchanged) adds ``delta`` to ``counts``, or (grid changed) moves the old counts onto the
+   new grid (integer shifts, exact) and raises a flag.
+3. ``"histc"``: ``_bin_numbers_kernel`` and ``torch.histc`` count ``x`` on the final grid (below).
+   Otherwise ``_pass_kernel`` (re-bin) reads the flag; when it is down every program exits before loading
+   anything (the steady state reads ``x`` once); when up, it bins all of ``x`` on the new grid.
 
-So the steady state reads ``x`` once; a batch that grows the range reads it twice.
+Binning (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``), each exact and with the same result:
 
-Binning strategies (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``), each exact and with the same
-result: ``"atomic"`` adds every value with a global integer atomic; ``"tl_histogram"`` accumulates a private histogram per program with
-``tl.histogram`` (indices clamped by hand into an extra dump bin: out-of-range behaviour differs across
-Triton versions) and adds it once per program. The default follows how ``tl.histogram`` compiles for
-sm_90 (PTX read with each version): from Triton 3.8 on it counts in shared memory (``atom.shared``, one
-per value, then one global add per bin and program: the technique of ``torch.histc`` on CUDA), so
-``"tl_histogram"``; before 3.8 it lowers to warp votes (4096 ``popc`` per tile) and spills about 58 KB per
-thread, so ``"atomic"``. Measured on an H200 with Triton 3.6 (2026-11-29, 1e9 fp32 values, 2048 bins):
-``"atomic"`` 70 ms, ``"tl_histogram"`` 1055 ms; the 3.8 lowering is not timed yet (that machine has 3.6).
-The 70 ms were Triton's default acquire-release atomics (about 14 G atomics/s); the pass's atomics are
-now relaxed (no fence; nothing reads the counts before the launch ends, and integer adds commute; 3.9
-emits them as ``red``), not timed yet either. ``"warp_atomic"`` (opt-in, not timed yet) first groups
-the lanes of each warp by bin (``match.any.sync``, inline PTX) and lets one lane per group add the group's
-size: for concentrated data, where most values fall in a few bins, up to 32x fewer atomics. Inline PTX
-does not run in the interpreter, so only the ``gpu`` tests check it (exactly, against the torch path).
-``"mma"`` (opt-in, not timed yet) counts on the tensor cores and needs no shared-memory atomics, so it
-also runs fast where ``tl.histogram`` does not (Triton before 3.8): bin ``b`` is the cell
-``(b // LO, b % LO)`` of an int32 ``[HI, LO]`` accumulator per program, and each tile of 128 values adds
-the matmul of its two one-hot matrices, ``[HI, 128] @ [128, LO]`` in int8 (exact). That is ``HI + LO``
-compares and ``HI * LO`` multiply-adds per value instead of an atomic, and the same cost on any data
-(the 4098 bins held for 2048 user bins: 64 x 64). Bins above the largest power of two held (the last 2 of
-4098), and above 8192, are added by atomics.
+- ``"histc"`` (the default): the fused pass only keeps the min/max partials; once the finalize has fixed
+  the grid, ``_bin_numbers_kernel`` writes each value's bin centre as float32 and ``torch.histc`` counts
+  them (shared-memory counters on CUDA, no host read: the range is passed as Python numbers),
+  ``HISTC_CHUNK`` values per call so that its float32 counts stay exact. That reads ``x`` twice and
+  writes and reads 4 bytes per value more, but counting in shared memory is what the GPU needs.
+- ``"atomic"``: the fused pass adds every value with a relaxed global integer atomic; the steady state
+  reads ``x`` once.
+- ``"tl_histogram"``: a private histogram per program with ``tl.histogram`` (indices clamped by hand into
+  an extra dump bin: out-of-range behaviour differs across Triton versions), added once per program.
+  From Triton 3.8 on it compiles to shared-memory atomics (PTX read for sm_90; not timed, the H200
+  machine has 3.6); before, to warp votes that spill about 58 KB per thread.
+
+Measured on an H200 with Triton 3.6 (2026-11-29, 2048 bins, ``benchmarks/results``), 1e8 / 1e9 fp32
+values in one run: ``"histc"`` 1.01 / 9.85 ms, ``"atomic"`` 6.98 / 92.9 ms (14 G atomics/s; relaxing
+them from acquire-release changed nothing), torch.ao 0.92 ms at 1e8 (it syncs with the host; 5.19 ms
+against our 3.93 on LLM-like data, where ``"atomic"`` contends on a few bins and takes 49 ms);
+``"tl_histogram"`` took 1055 ms at 1e9 in an earlier run. Tried and removed: a warp-aggregated atomic
+binning (``match.any.sync``, inline PTX; lost counts on bf16 inputs on the H200) and a tensor-core one
+(int8 matmuls of one-hot matrices; exact but 22 ms at 1e8).
 Counts are int64 everywhere but the per-program int32 accumulators (a program never holds 2**31 values).
 """
 
@@ -65,30 +62,16 @@ __all__ = ["HIST_STRATEGIES", "histogram_update_"]
 
 BLOCK = 4096
 E_MIN, E_MAX = -126, 126
-HIST_STRATEGIES = ("atomic", "tl_histogram", "warp_atomic", "mma")
-# strategies the interpreter can run (``"warp_atomic"`` is inline PTX: compiled CUDA only)
-INTERPRETABLE_STRATEGIES = ("atomic", "tl_histogram", "mma")
-MMA_BLOCK = 128  # values per tile (the matmul's K) of the "mma" binning
-# bins the "mma" binning counts on the tensor cores (an int32 [64, 128] accumulator); the rest by atomics
-MMA_MAX_BINS = 8192
-
-
-def _mma_shape(num_bins: int) -> tuple[int, int]:
-    """``(HI, LO)`` of the ``"mma"`` accumulator: the largest power of two of bins up to ``num_bins``
-    (at least 256: ``tl.dot`` needs 16 rows and columns, at most ``MMA_MAX_BINS``), 64 rows where it can."""
-    nbd = min(max(1 << (num_bins.bit_length() - 1), 256), MMA_MAX_BINS)
-    hi = min(64, nbd // 16)
-    return hi, nbd // hi
+HIST_STRATEGIES = ("histc", "atomic", "tl_histogram")
+# values per torch.histc call of the "histc" binning: its float32 counts stay exact (at most 2**24 a bin)
+HISTC_CHUNK = 1 << 24
 
 
 def _default_strategy() -> str:
     env = os.environ.get("MONO_QUANT_HIST_STRATEGY", "").strip().lower()
-    if env:
-        if env not in HIST_STRATEGIES:
-            raise ValueError(f"MONO_QUANT_HIST_STRATEGY={env!r} is not one of {', '.join(HIST_STRATEGIES)}")
-        return env
-    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
-    return "tl_histogram" if (major, minor) >= (3, 8) else "atomic"  # see the docstring
+    if env and env not in HIST_STRATEGIES:
+        raise ValueError(f"MONO_QUANT_HIST_STRATEGY={env!r} is not one of {', '.join(HIST_STRATEGIES)}")
+    return env or "histc"  # the fastest measured (see the docstring)
 
 
 HIST_STRATEGY = _default_strategy()
@@ -121,48 +104,6 @@ def _bin(x, finite, inv_w, origin, num_bins):
 
 
 @triton.jit
-def _warp_leader_counts(idx):
-    """Per lane: how many lanes of its warp hold the same ``idx`` (int32) if it is the lowest of them, else 0.
-
-    ``match.any.sync`` groups the 32 lanes by value, one register (tensor element) at a time; the group's
-    lowest lane gets ``popc`` of the group. Every lane must run it (Triton code has no divergence here).
-    """
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 wa_group, wa_lower, wa_count;
-        .reg .pred wa_leader;
-        match.any.sync.b32 wa_group, $1, 0xffffffff;
-        mov.u32 wa_lower, %lanemask_lt;
-        and.b32 wa_lower, wa_lower, wa_group;
-        setp.eq.u32 wa_leader, wa_lower, 0;
-        popc.b32 wa_count, wa_group;
-        selp.b32 $0, wa_count, 0, wa_leader;
-        }""",
-        constraints="=r,r",
-        args=[idx],
-        dtype=tl.int32,
-        is_pure=False,  # a warp collective: never moved or merged
-        pack=1,
-    )
-
-
-@triton.jit
-def _onehot_dot(idx, inside, acc, HI: tl.constexpr, LO: tl.constexpr):
-    """Add a tile's bins below ``HI * LO`` to ``acc`` (int32 ``[HI, LO]``, bin ``r * LO + c`` at ``[r, c]``).
-
-    ``acc[r, c] += sum_k [idx_k // LO == r] * [idx_k % LO == c]``: one int8 matmul of two one-hot
-    matrices, ``[HI, K] @ [K, LO]``, exact in int32. Binning costs ``HI + LO`` compares and ``HI * LO``
-    tensor-core multiply-adds per value, and no atomic; values outside, or at bins ``>= HI * LO``, get a
-    row that matches nothing.
-    """
-    i = tl.where(inside, idx, -1).to(tl.int32)
-    row = tl.where((i >= 0) & (i < HI * LO), i // LO, HI)
-    a = (tl.arange(0, HI)[:, None] == row[None, :]).to(tl.int8)
-    b = ((i % LO)[:, None] == tl.arange(0, LO)[None, :]).to(tl.int8)
-    return tl.dot(a, b, acc, out_dtype=tl.int32)
-
-
-@triton.jit
 def _pass_kernel(
     x_ptr,
     pmin_ptr,
@@ -179,16 +120,13 @@ def _pass_kernel(
     NB: tl.constexpr,
     FUSED: tl.constexpr,
     STRATEGY: tl.constexpr,
-    HI: tl.constexpr,
-    LO: tl.constexpr,
 ):
     """Bin ``x`` on the grid in device memory; fused with the min/max partials, or gated by a flag.
 
     x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)`` (written when ``FUSED``).
     hist: int64 ``(num_bins,)``, added to. exp, org: int64 ``()``, the grid. flag: int32 ``(1,)``, read when
     not ``FUSED``: 0 means nothing to do. ``NB``: a power of two above ``num_bins`` (the last bins are the
-    dump for values outside). ``STRATEGY``: one of ``HIST_STRATEGIES``; ``HI``, ``LO``: the shape of the
-    ``"mma"`` accumulator (bins ``[0, HI * LO)`` on the tensor cores, the rest by atomics; 1 otherwise).
+    dump for values outside). ``STRATEGY``: one of ``HIST_STRATEGIES`` (``"histc"``: partials only).
     Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
     """
     pid = tl.program_id(0)
@@ -203,35 +141,36 @@ def _pass_kernel(
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
     bad = tl.zeros([BLOCK], tl.int32)
     local = tl.zeros([NB], tl.int32)
-    acc = tl.zeros([HI, LO], tl.int32)
     for t in range(pid, tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
         mask = offs < n
         x, finite = load_finite(x_ptr, offs, mask)
         if FUSED:
             mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
-        idx, inside = _bin(x, finite, inv_w, origin, num_bins)
-        if STRATEGY == "tl_histogram":
-            local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
-        elif STRATEGY == "mma":
-            acc = _onehot_dot(idx, inside, acc, HI, LO)
-            one = tl.full([BLOCK], 1, tl.int64)
-            tl.atomic_add(hist_ptr + idx, one, mask=inside & (idx >= HI * LO), sem="relaxed")
-        elif STRATEGY == "warp_atomic":
-            # one atomic per distinct bin per warp and register: concentrated data (most values in a few
-            # bins, as LLM activations with outliers give) needs up to 32x fewer
-            cnt = _warp_leader_counts(tl.where(inside, idx, -1).to(tl.int32))
-            tl.atomic_add(hist_ptr + idx, cnt.to(tl.int64), mask=inside & (cnt > 0), sem="relaxed")
-        else:
-            tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
+        # "histc" bins nothing here: _bin_numbers_kernel and torch.histc do, once the grid is final
+        if STRATEGY != "histc":
+            idx, inside = _bin(x, finite, inv_w, origin, num_bins)
+            if STRATEGY == "tl_histogram":
+                local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
+            else:
+                tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
     if STRATEGY == "tl_histogram":
         b = tl.arange(0, NB)
         tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0), sem="relaxed")
-    if STRATEGY == "mma":
-        b = tl.arange(0, HI)[:, None] * LO + tl.arange(0, LO)[None, :]
-        tl.atomic_add(hist_ptr + b, acc.to(tl.int64), mask=(b < num_bins) & (acc > 0), sem="relaxed")
     if FUSED:
         store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
+
+
+@triton.jit
+def _bin_numbers_kernel(x_ptr, out_ptr, exp_ptr, org_ptr, start, m, num_bins, BLOCK: tl.constexpr):
+    """``out[i] = bin(x[start + i]) + 0.5`` (float32) for ``i < m``, or -1 where ``x`` is not finite or off
+    the grid, for ``torch.histc(out, num_bins, 0, num_bins)``: bin centres, so any rounding in its bin
+    formula lands in the right bin. Grid: ``(cdiv(m, BLOCK),)``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < m
+    x, finite = load_finite(x_ptr + start, offs, mask)
+    idx, inside = _bin(x, finite, _inv_width(tl.load(exp_ptr)), tl.load(org_ptr), num_bins)
+    tl.store(out_ptr + offs, tl.where(inside, idx.to(tl.float32) + 0.5, -1.0), mask=mask)
 
 
 @triton.jit
@@ -346,7 +285,7 @@ def histogram_update_(
         x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
         exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
         strategy: one of ``HIST_STRATEGIES`` (default ``HIST_STRATEGY``); same result with each.
-            ``"warp_atomic"`` runs compiled on CUDA only (inline PTX), not in the interpreter.
+            ``"histc"`` runs as ``"atomic"`` under ``torch.use_deterministic_algorithms(True)``.
 
     Raises:
         TypeError: unsupported dtype. ValueError: bad state buffers or strategy.
@@ -354,29 +293,25 @@ def histogram_update_(
     strategy = strategy or HIST_STRATEGY
     if strategy not in HIST_STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {HIST_STRATEGIES}")
-    if strategy not in INTERPRETABLE_STRATEGIES and not x.is_cuda:
-        raise ValueError(
-            f"strategy={strategy!r} is inline PTX: CUDA tensors only, not Triton's interpreter; "
-            f"use one of {INTERPRETABLE_STRATEGIES}"
-        )
+    if strategy == "histc" and torch.are_deterministic_algorithms_enabled():
+        # torch refuses (or warns about) histc on CUDA in deterministic mode, although the integer counts
+        # here are exact in any order; the atomic binning gives the same counts without asking
+        strategy = "atomic"
     _check_state(running_min, running_max, seen, exponent, origin, counts)
     x = prepare_input(x)
     n = x.numel()
     num_bins = counts.shape[0]
-    block, warps, hi, lo = (MMA_BLOCK, 4, *_mma_shape(num_bins)) if strategy == "mma" else (BLOCK, 8, 1, 1)
-    num_tiles = triton.cdiv(n, block)
+    num_tiles = triton.cdiv(n, BLOCK)
     programs = min(num_tiles, max_programs(x))
     pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
     pbad = torch.empty(programs + 1, dtype=torch.int64, device=x.device)
     flag = pbad[programs:].view(torch.int32)  # 2 int32 words; the first is the flag
     delta = torch.zeros(num_bins, dtype=torch.int64, device=x.device)
     meta = dict(
-        BLOCK=block,
+        BLOCK=BLOCK,
         NB=triton.next_power_of_2(num_bins + 1),
         STRATEGY=strategy,
-        HI=hi,
-        LO=lo,
-        **launch_options(warps),
+        **launch_options(8),
     )
     grid = (programs,)
     pmax = pmin[programs:]
@@ -388,6 +323,24 @@ def histogram_update_(
         n, num_bins, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=1024, E_LO=E_MIN, E_HI=E_MAX,
         **launch_options(4),
     )  # fmt: skip
+    if strategy == "histc":
+        _histc_counts_(x, exponent, origin, counts)
+        return
     _pass_kernel[grid](
         x, pmin, pmax, pbad, counts, exponent, origin, flag, n, num_tiles, num_bins, FUSED=False, **meta
     )
+
+
+def _histc_counts_(
+    x: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor, counts: torch.Tensor
+) -> None:
+    """Add ``x`` to ``counts`` on its final grid: bin numbers by a kernel, counted by ``torch.histc`` (shared
+    memory counters on CUDA), ``HISTC_CHUNK`` values at a time (64 MiB of float32 at most)."""
+    n, num_bins = x.numel(), counts.shape[0]
+    buf = torch.empty(min(n, HISTC_CHUNK), dtype=torch.float32, device=x.device)
+    for start in range(0, n, HISTC_CHUNK):
+        m = min(HISTC_CHUNK, n - start)
+        _bin_numbers_kernel[(triton.cdiv(m, BLOCK),)](
+            x, buf, exponent, origin, start, m, num_bins, BLOCK=BLOCK, **launch_options(8)
+        )
+        counts += torch.histc(buf[:m], bins=num_bins, min=0, max=num_bins).to(torch.int64)

@@ -119,6 +119,14 @@ def test_cuda_graph_replay_equals_eager(cls, kwargs):
     _assert_same(graphed, eager)
 
 
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
+def test_histogram_strategy_never_syncs_and_replays(strategy, monkeypatch):
+    # every binning as the default: forward stays sync-free and a captured CUDA graph replays it exactly
+    monkeypatch.setattr(khist, "HIST_STRATEGY", strategy)
+    test_forward_never_syncs(mono_quant.HistogramObserver, {"bins": 2048}, "triton")
+    test_cuda_graph_replay_equals_eager(mono_quant.HistogramObserver, {"bins": 2048})
+
+
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()
 

@@ -14,7 +14,6 @@ from mono_quant import reference
 from mono_quant.core.histogram import E_MIN, internal_bins
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
-import triton  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 
 pytestmark = [
@@ -57,28 +56,28 @@ def growing(n):
     return [base, torch.rand(n) * 3 + 2, -torch.rand(n) * 7 - 1, torch.randn(n) * 40, torch.randn(n)]
 
 
-@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 7, khist.BLOCK + 1])
 def test_growing_range(strategy, dtype, n):
     check_sequence(growing(n), 64, dtype, strategy)
 
 
-@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 @pytest.mark.parametrize("bins", [1, 2048])
 def test_sizes_and_bins(strategy, bins):
     seq = [torch.randn(khist.BLOCK - 1), torch.randn(khist.BLOCK) * 3, torch.randn(2 * khist.BLOCK + 3) - 5]
     check_sequence(seq, bins, torch.float32, strategy)
 
 
-@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 def test_large_batch_then_steady_state(strategy):
     x = torch.randn(150_001) * 3
     state = check_sequence([x, x[:9000] * 0.5], 256, torch.bfloat16, strategy)
     assert int(state[5].sum()) == 150_001 + 9000
 
 
-@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 def test_special_values(strategy):
     """Nothing finite, zeros only, subnormals (the negative-underflow fix), huge magnitudes."""
     seq = [
@@ -90,22 +89,6 @@ def test_special_values(strategy):
     ]
     got = check_sequence(seq, 16, torch.float32, strategy)
     assert got[2].tolist() == [3 + 4 + 2 + 2, 4 + 1, 5]
-
-
-@pytest.mark.parametrize("bins", [4, 2048, 5000])
-def test_mma_binning_at_its_bounds(bins):
-    """The tensor-core binning counts bins below ``HI * LO``, atomics the rest: values on both sides of
-    that bound, and (5000 bins: 10002 held, above ``MMA_MAX_BINS``) a tail counted by atomics only."""
-    held = internal_bins(bins)
-    hi, lo = khist._mma_shape(held)
-    assert hi * lo == min(max(1 << (held.bit_length() - 1), 256), khist.MMA_MAX_BINS)
-    assert hi >= 16 and lo >= 16 and (hi * lo <= held or hi * lo == 256)
-    x = torch.linspace(-1, 1, 3 * held + 7)  # every bin of the grid it gets holds values
-    x[5::11] = float("nan")
-    got = check_sequence([x, x.flip(0)[:1001] * 0.9], bins, torch.float32, "mma")
-    counts = got[5]
-    assert int(counts.sum()) == int(got[2][0])
-    assert int(counts[hi * lo :].sum()) > 0 or hi * lo >= held
 
 
 def test_steady_state_keeps_grid():
@@ -131,7 +114,7 @@ def test_observer_triton_equal_torch(method):
         assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("strategy", khist.INTERPRETABLE_STRATEGIES)
+@pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 def test_float64_beyond_float32_and_tiny_negatives(strategy):
     # float64 is observed as its float32 values: 1e300 becomes inf (non-finite), -1e-50 becomes -0.0
     seq = [
@@ -147,21 +130,37 @@ def test_float64_beyond_float32_and_tiny_negatives(strategy):
 
 def test_strategy_from_environment(monkeypatch):
     monkeypatch.delenv("MONO_QUANT_HIST_STRATEGY", raising=False)
-    shared_memory_histogram = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
-    assert khist._default_strategy() == ("tl_histogram" if shared_memory_histogram else "atomic")
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    assert khist._default_strategy() == "atomic"
-    monkeypatch.setattr(triton, "__version__", "3.10.1")
-    assert khist._default_strategy() == "tl_histogram"
+    assert khist._default_strategy() == "histc"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", " TL_Histogram ")
     assert khist._default_strategy() == "tl_histogram"
     monkeypatch.setenv("MONO_QUANT_HIST_STRATEGY", "smem")
-    with pytest.raises(ValueError, match="'smem' is not one of atomic, tl_histogram, warp_atomic, mma"):
+    with pytest.raises(ValueError, match="'smem' is not one of histc, atomic, tl_histogram"):
         khist._default_strategy()
+    with pytest.raises(ValueError, match="strategy='mma' is not one of"):
+        khist.histogram_update_(torch.randn(10), *fresh(16), strategy="mma")
 
 
-def test_inline_ptx_strategy_refuses_cpu_tensors():
-    state = fresh(16)
-    with pytest.raises(ValueError, match="'warp_atomic' is inline PTX: CUDA tensors only"):
-        khist.histogram_update_(torch.randn(10), *state, strategy="warp_atomic")
-    assert int(state[2][2]) == 0  # nothing was written
+def test_histc_binning_in_chunks(monkeypatch):
+    """The ``"histc"`` binning counts ``HISTC_CHUNK`` values per ``torch.histc`` call (its float32 counts
+    stay exact): with small chunks, batches of several chunks and a ragged last one count every value."""
+    monkeypatch.setattr(khist, "HISTC_CHUNK", 1000)
+    x = torch.randn(4097) * 5
+    x[999:1001] = float("nan")  # across a chunk boundary
+    state = check_sequence([x, torch.rand(2500) * 40 - 20, x[:1000]], 2048, torch.bfloat16, "histc")
+    assert int(state[5].sum()) == 4095 + 2500 + 999
+
+
+def test_deterministic_mode_bins_without_histc(monkeypatch):
+    # torch.histc on CUDA refuses deterministic mode: the same exact counts come from the atomic binning
+    def refuse(*args):
+        raise AssertionError("torch.histc used in deterministic mode")
+
+    monkeypatch.setattr(khist, "_histc_counts_", refuse)
+    monkeypatch.setattr(khist, "HIST_STRATEGY", "histc")
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_sequence(growing(300), 64, torch.float32, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(AssertionError, match="histc used"):
+        check_sequence(growing(300), 64, torch.float32, None)
