@@ -51,7 +51,7 @@ def test_forward_returns_its_input_and_state_appears(cls):
     x = torch.randn(4, 8)
     assert obs(x) is x
     assert obs.min_val is not None and obs.max_val is not None
-    want_shape = (8,) if False else ((4,) if cls in PER_CHANNEL else ())
+    want_shape = (4,) if cls in PER_CHANNEL else ()
     assert tuple(obs.min_val.shape) == want_shape
     scale, zp = obs.calculate_qparams()
     assert scale.dtype == torch.float32 and zp.dtype == torch.int32
@@ -60,6 +60,19 @@ def test_forward_returns_its_input_and_state_appears(cls):
     assert obs.min_val is None and obs.max_val is None
     with pytest.raises(RuntimeError, match="no data"):
         obs.calculate_qparams()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_forward_inside_autograd_records_nothing(cls):
+    # observers sit in training graphs: the activation's gradient passes unchanged, no buffer joins a graph
+    obs = _make(cls)
+    w = torch.randn(4, 8, requires_grad=True)
+    for _ in range(2):
+        y = obs(w * 3)
+        assert y.requires_grad
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.full((4, 8), 3.0))
+    assert all(not b.requires_grad and b.grad_fn is None for b in obs.buffers())
 
 
 def test_exported_names():
