@@ -212,9 +212,10 @@ def histogram_update_(
     """
     num_bins = counts.shape[0]
     x = _float32_values(x)
+    host = _may_branch(x)
     mn, mx, bad = finite_minmax(x)
     # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
-    grows = not _may_branch(x) or bool((mn < running_min) | (mx > running_max))
+    grows = not host or mn.item() < running_min.item() or mx.item() > running_max.item()
     if grows:
         torch.minimum(running_min, mn, out=running_min)
         torch.maximum(running_max, mx, out=running_max)
@@ -222,13 +223,19 @@ def histogram_update_(
         counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
         exponent.copy_(new_e)
         origin.copy_(new_o)
+    if host:  # the grid as Python numbers: 2**-e and origin (< 2**25) are exact float32 scalars
+        e = int(exponent)
+        inv_w, offset = 2.0**-e, float(origin)
+    else:
+        e = None
+        inv_w = torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent).to(torch.float32)
+        offset = origin.to(torch.float32)
     # x * 2**-e underflows only for a coarse grid (e > 0); on CPU the fix-up pass is skipped otherwise
-    fix_underflow = not _may_branch(x) or int(exponent) > 0
-    all_finite = _may_branch(x) and int(bad) == 0
-    inv_w = torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent).to(torch.float32)
-    offset = origin.to(torch.float32)
-    step = BIN_CHUNK if _may_branch(x) else CHUNK
-    for chunk in x.reshape(-1).split(step):
+    fix_underflow = not host or e > 0
+    all_finite = host and int(bad) == 0
+    step = BIN_CHUNK if host else CHUNK
+    flat = x.reshape(-1)
+    for chunk in (flat,) if flat.numel() <= step else flat.split(step):
         chunk = chunk.to(torch.float32)
         if fix_underflow:  # a tiny negative can underflow to -0.0, whose floor is 0: pinned to -1
             t = floor_scaled(chunk, inv_w)
