@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mono_quant
+from mono_quant.core.histogram import bin_index
 
 pytestmark = pytest.mark.gpu
 
@@ -76,6 +77,8 @@ def test_more_than_2_31_elements():
     obs = mono_quant.HistogramObserver(bins=256, backend="triton").to(DEV)
     obs(x)
     assert int(obs.counts.sum()) == n - 1 and float(obs.running_max) == 7.0
+    top = bin_index(torch.tensor([7.0], device=DEV), obs.exponent, obs.origin)  # read past 2**31
+    assert int(obs.counts.nonzero().max()) == int(top) and int(obs.counts[top]) >= 1
     pc = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend="triton").to(DEV)
     pc(x[: (1 << 31) + 4096].view(-1, 4096))
     assert float(pc.running_max.max()) <= 1.0 and pc.seen.tolist() == [(1 << 31) + 4096, 0, 1]  # no NaN there
