@@ -75,6 +75,18 @@ def test_forward_inside_autograd_records_nothing(cls):
     assert all(not b.requires_grad and b.grad_fn is None for b in obs.buffers())
 
 
+@pytest.mark.parametrize("cls", ALL)
+def test_inference_mode_observes_the_same(cls):
+    xs = [torch.randn(6, 4), torch.randn(6, 4) * 3]
+    plain, inference = _make(cls), _make(cls)
+    for x in xs:
+        plain(x)
+        with torch.inference_mode():
+            inference(x)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), inference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_exported_names():
     for name in [c.__name__ for c in ALL] + ["create_observer", "run_calibration", "merge_histograms"]:
         assert name in mono_quant.__all__ and hasattr(mono_quant, name)
