@@ -55,9 +55,21 @@ def _cases(mono_quant, device, strategies):
     for s in strategies:
         cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
     cases["probe_histc"] = _histc_probe
+    cases["probe_minmax_launcher"] = _launcher_probe
     for k in PROGRAMS_PER_SM_PROBES:
         cases[f"probe_minmax_{k}_per_sm"] = lambda x, k=k: _programs_probe(mono_quant, x, k, device)
     return cases
+
+
+def _launcher_probe(x):
+    """A probe: the MinMax launcher alone (``kernels.minmax_update_``: its two launches, without the observer
+    and dispatch layers). On small tensors, where the host decides, minmax minus this is our Python per call
+    and this is mostly Triton's launch path (for many small layers: 69 us a call against torch.ao's 52)."""
+    from mono_quant import kernels
+
+    state = (torch.tensor(float("inf"), device=x.device), torch.tensor(float("-inf"), device=x.device),
+             torch.zeros(3, dtype=torch.int64, device=x.device))  # fmt: skip
+    return lambda: kernels.minmax_update_(x, *state)
 
 
 PROGRAMS_PER_SM_PROBES = (3, 4, 8, 12)  # the kernels launch _common.PROGRAMS_PER_SM (6) per SM

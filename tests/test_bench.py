@@ -168,7 +168,8 @@ def test_gpu_bench_smoke_writes_every_case(tmp_path, capsys):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     cases = {r["case"] for r in rows}
     want = {"minmax", "ema", "per_channel", "hist_atomic", "hist_tl_histogram", "hist_histc", "hist_torch",
-            "ao_minmax", "ao_per_channel", "ao_histogram", "probe_histc", "read_ceiling_sum"}  # fmt: skip
+            "ao_minmax", "ao_per_channel", "ao_histogram", "probe_histc", "probe_minmax_launcher",
+            "read_ceiling_sum"}  # fmt: skip
     assert want <= cases
     assert len(rows) == 2 * len(cases) and all(r["ms"] > 0 for r in rows)  # fp32 and bf16, none failed
     assert "hist_atomic" in capsys.readouterr().out
