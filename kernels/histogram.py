@@ -4,10 +4,10 @@ Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of ``m
 import mono_quant. An update never reads a value on the host:
 
 1. ``_pass_kernel`` (fused): one read of ``x``. Each persistent program keeps the finite min/max and the
-   non-finite count (per-program partials, as in ``minmax.py``); with the ``"atomic"`` and
-   ``"tl_histogram"`` binnings it also bins every finite value against the grid currently in device
-   memory (``exponent``, ``origin``) into a zeroed ``delta`` histogram. Values outside the current grid
-   are dropped there: the grid will change and step 3 redoes them.
+   non-finite count (per-program partials, as in ``minmax.py``) and bins every finite value against the
+   grid currently in device memory (``exponent``, ``origin``) into a zeroed ``delta`` histogram. Values
+   outside the current grid are dropped there: the grid will change and step 3 redoes them. With the
+   ``"histc"`` binning this step is ``minmax.py``'s partial kernel alone.
 2. ``_finalize_kernel`` (one program): reduces the partials, merges the running min/max, updates
    ``seen``, computes the canonical grid of the new range by testing all 253 exponents at once, and then
    either (grid unchanged) adds ``delta`` to ``counts``, or (grid changed) moves the old counts onto the
@@ -18,7 +18,7 @@ import mono_quant. An update never reads a value on the host:
 
 Binning (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``), each exact and with the same result:
 
-- ``"histc"`` (the default): the fused pass only keeps the min/max partials; once the finalize has fixed
+- ``"histc"`` (the default): the first pass only keeps the min/max partials; once the finalize has fixed
   the grid, ``_bin_numbers_kernel`` writes each value's bin centre as float32 and ``torch.histc`` counts
   them (shared-memory counters on CUDA, no host read: the range is passed as Python numbers),
   ``HISTC_CHUNK`` values per call so that its float32 counts stay exact. That reads ``x`` twice and
@@ -57,6 +57,7 @@ from ._common import (
     reduce_partials_and_count,
     store_partials,
 )
+from .minmax import _partial_kernel as _minmax_partial_kernel
 
 __all__ = ["HIST_STRATEGIES", "histogram_update_"]
 
@@ -126,7 +127,7 @@ def _pass_kernel(
     x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)`` (written when ``FUSED``).
     hist: int64 ``(num_bins,)``, added to. exp, org: int64 ``()``, the grid. flag: int32 ``(1,)``, read when
     not ``FUSED``: 0 means nothing to do. ``NB``: a power of two above ``num_bins`` (the last bins are the
-    dump for values outside). ``STRATEGY``: one of ``HIST_STRATEGIES`` (``"histc"``: partials only).
+    dump for values outside). ``STRATEGY``: ``"atomic"`` or ``"tl_histogram"``.
     Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
     """
     pid = tl.program_id(0)
@@ -147,13 +148,11 @@ def _pass_kernel(
         x, finite = load_finite(x_ptr, offs, mask)
         if FUSED:
             mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
-        # "histc" bins nothing here: _bin_numbers_kernel and torch.histc do, once the grid is final
-        if STRATEGY != "histc":
-            idx, inside = _bin(x, finite, inv_w, origin, num_bins)
-            if STRATEGY == "tl_histogram":
-                local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
-            else:
-                tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
+        idx, inside = _bin(x, finite, inv_w, origin, num_bins)
+        if STRATEGY == "tl_histogram":
+            local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
+        else:
+            tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
     if STRATEGY == "tl_histogram":
         b = tl.arange(0, NB)
         tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0), sem="relaxed")
@@ -315,9 +314,12 @@ def histogram_update_(
     )
     grid = (programs,)
     pmax = pmin[programs:]
-    _pass_kernel[grid](
-        x, pmin, pmax, pbad, delta, exponent, origin, flag, n, num_tiles, num_bins, FUSED=True, **meta
-    )
+    if strategy == "histc":  # the range first (MinMax's partials); the bins once the grid is final
+        _minmax_partial_kernel[grid](x, pmin, pmax, pbad, n, num_tiles, BLOCK=BLOCK, **launch_options(8))
+    else:
+        _pass_kernel[grid](
+            x, pmin, pmax, pbad, delta, exponent, origin, flag, n, num_tiles, num_bins, FUSED=True, **meta
+        )
     _finalize_kernel[(1,)](
         pmin, pmax, pbad, programs, running_min, running_max, seen, exponent, origin, counts, delta, flag,
         n, num_bins, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=1024, E_LO=E_MIN, E_HI=E_MAX,
