@@ -2,7 +2,7 @@
 
 Both score every candidate threshold of ``i`` bins (``start_bin <= i <= len(hist)``) one at a time, the
 way TensorRT's entropy calibrator and ModelOpt's ``_compute_amax_entropy`` do, and return the last
-minimum, so they pick the same threshold as ``mono_quant.core.histogram.kl_divergences`` (which scores
+minimum, so they pick the same threshold as ``mono_quant.core.search.kl_divergences`` (which scores
 all candidates at once from prefix sums). Written here for the benchmarks, from the published algorithm:
 
 - the histogram is of |x|; bin 0 takes bin 1's count (a spike of exact zeros would dominate otherwise);

@@ -66,10 +66,10 @@ def _launcher_probe(x):
     and dispatch layers). On small tensors, where the host decides, minmax minus this is our Python per call
     and this is mostly Triton's launch path (for many small layers: 69 us a call against torch.ao's 52)."""
     from mono_quant import kernels
+    from mono_quant.state import RangeState
 
-    state = (torch.tensor(float("inf"), device=x.device), torch.tensor(float("-inf"), device=x.device),
-             torch.zeros(3, dtype=torch.int64, device=x.device))  # fmt: skip
-    return lambda: kernels.minmax_update_(x, *state)
+    state = RangeState.empty((), x.device)
+    return lambda: kernels.minmax_update_(x, state)
 
 
 PROGRAMS_PER_SM_PROBES = (3, 4, 8, 12)  # the kernels launch _common.PROGRAMS_PER_SM (6) per SM
@@ -118,8 +118,7 @@ def _steady_hist(mono_quant, x, backend, strategy, device):
         return lambda: o(x)
     from mono_quant.kernels import histogram as khist
 
-    bufs = (o.running_min, o.running_max, o.seen, o.exponent, o.origin, o.counts)
-    return lambda: khist.histogram_update_(x, *bufs, strategy=strategy)
+    return lambda: khist.histogram_update_(x, o.state(), strategy=strategy)
 
 
 def _ceilings(x):

@@ -20,7 +20,7 @@ import entropy_loop
 import pytest
 import torch
 
-from mono_quant.core import histogram as hist
+from mono_quant.core import search
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -70,9 +70,9 @@ def _abs_histogram(numel: int, bins: int, device_name: str) -> torch.Tensor:
 def _vectorized(h: torch.Tensor) -> tuple[int, torch.Tensor]:
     # ModelOpt's zero-bin rule, as search_range applies it, then every candidate at once
     hz = torch.cat([h[1:2], h[1:]])
-    hi = hist.symmetric_candidates(h.shape[0], h.device)
-    scores = hist.kl_divergences(hz, torch.zeros_like(hi), hi, NQ)
-    return int(hi[hist.last_argmin(scores)]), scores
+    hi = search.symmetric_candidates(h.shape[0], h.device)
+    scores = search.kl_divergences(hz, torch.zeros_like(hi), hi, NQ)
+    return int(hi[search.last_argmin(scores)]), scores
 
 
 def _test_search(benchmark, bins, impl, dev, profile):

@@ -1,5 +1,5 @@
 """Canonical-grid histogram kernels: min/max, grid decision and coarsening on the device, and binning.
-Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of ``mono_quant.core.histogram``
+Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of ``mono_quant.grid``
 (``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``), re-derived here because kernels never
 import mono_quant. An update never reads a value on the host:
 
@@ -268,21 +268,14 @@ def _check_state(running_min, running_max, seen, exponent, origin, counts) -> No
         )
 
 
-def histogram_update_(
-    x: torch.Tensor,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    exponent: torch.Tensor,
-    origin: torch.Tensor,
-    counts: torch.Tensor,
-    strategy: str | None = None,
-) -> None:
+def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> None:
     """Add the finite values of ``x`` to a canonical-grid histogram, in place (see the reference twin).
 
     Args:
-        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
-        exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
+        x: [in] non-empty float tensor.
+        state: [in, out] a histogram state (``mono_quant.state.HistogramState``): ``running_min``,
+            ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``; ``exponent``, ``origin`` int64 ``()``;
+            ``counts`` int64 ``(B,)``.
         strategy: one of ``HIST_STRATEGIES`` (default ``HIST_STRATEGY``); same result with each.
             ``"histc"`` runs as ``"atomic"`` under ``torch.use_deterministic_algorithms(True)``.
 
@@ -296,6 +289,8 @@ def histogram_update_(
         # torch refuses (or warns about) histc on CUDA in deterministic mode, although the integer counts
         # here are exact in any order; the atomic binning gives the same counts without asking
         strategy = "atomic"
+    running_min, running_max, seen = state.running_min, state.running_max, state.seen
+    exponent, origin, counts = state.exponent, state.origin, state.counts
     _check_state(running_min, running_max, seen, exponent, origin, counts)
     x = prepare_input(x)
     n = x.numel()

@@ -284,23 +284,19 @@ def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return pmin[:programs], pmin[programs:], pbad, programs
 
 
-def minmax_update_(
-    x: torch.Tensor,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    averaging_constant: float | None = None,
-) -> None:
+def minmax_update_(x: torch.Tensor, state, averaging_constant: float | None = None) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place (see the reference twin).
 
     Args:
-        x: non-empty float tensor (fp32/bf16/fp16 read natively, fp64 cast in registers).
-        running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
+        x: [in] non-empty float tensor (fp32/bf16/fp16 read natively, fp64 cast in registers).
+        state: [in, out] a range state (``mono_quant.state.RangeState``): ``running_min``,
+            ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``.
         averaging_constant: ``None`` for min/max, else the EMA constant.
 
     Raises:
         TypeError: unsupported dtype. ValueError: bad state buffers.
     """
+    running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, ())
     x = prepare_input(x)
     pmin, pmax, pbad, programs = reduce_partials(x)
@@ -332,14 +328,9 @@ def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
 
 
 def minmax_per_channel_update_(
-    x: torch.Tensor,
-    ch_axis: int,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    averaging_constant: float | None = None,
+    x: torch.Tensor, ch_axis: int, state, averaging_constant: float | None = None
 ) -> None:
-    """Per-channel ``minmax_update_`` along ``ch_axis``: running_min/max are float32 ``(C,)``.
+    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``.
 
     Raises:
         TypeError: unsupported dtype. ValueError: bad ``ch_axis`` or state buffers.
@@ -348,6 +339,7 @@ def minmax_per_channel_update_(
         raise ValueError(f"ch_axis={ch_axis} is out of range for a tensor of shape {tuple(x.shape)}")
     axis = ch_axis % x.dim()
     outer, channels, inner = _channel_view(x, axis)
+    running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, (channels,))
     x = prepare_input(x)
     budget = max_programs(x)

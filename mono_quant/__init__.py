@@ -10,7 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
 from mono_quant.core import (
     HistogramObserver,
-    HistogramState,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
@@ -20,13 +19,13 @@ from mono_quant.core import (
     calculate_qparams,
     dequantize,
     fake_quantize,
-    merge_histograms,
     quant_range,
     quantization_sqnr,
     quantize,
     sqnr,
 )
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
+from mono_quant.state import HistogramState, RangeState, merge_histograms
 
 try:
     __version__ = version("mono_quant")
@@ -44,6 +43,7 @@ __all__ = [
     "ObserverBase",
     "PerChannelMinMaxObserver",
     "QuantSpec",
+    "RangeState",
     "__version__",
     "calculate_qparams",
     "create_observer",

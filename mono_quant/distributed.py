@@ -11,9 +11,9 @@ Merge rules, per buffer (``seen`` is int64 ``(3,)``: finite values, non-finite v
 - min/max observers (per tensor and per channel): ``running_min`` -> MIN, ``running_max`` -> MAX, ``seen`` ->
   SUM. Exact: equal to one process that saw all the data.
 - histogram observers: the range as above; then every source computes the canonical grid of the *global*
-  range (``core.histogram.canonical_grid``: a function of the range only), moves its counts onto it exactly
+  range (``grid.canonical_grid``: a function of the range only), moves its counts onto it exactly
   (``regrid``) and the counts are summed. Exact: the grid, the counts and so the qparams of every method are
-  those of one process that saw all the data (see ``mono_quant.core.histogram``).
+  those of one process that saw all the data (see ``mono_quant.grid``).
 - moving-average observers: no exact merge exists, as an EMA depends on the order of the batches. The merged
   value, per channel, is the mean of the sources' EMAs weighted by the batches each observed (``seen[2]``,
   which counts every non-empty batch, also one with no finite value), over the sources that saw a finite
@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mono_quant.core.histogram import canonical_grid, regrid
 from mono_quant.core.observers import HistogramObserver, ObserverBase
+from mono_quant.grid import canonical_grid, regrid
 
 __all__ = ["merge_observers", "merge_state_dicts", "sync_observers"]
 

@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 
 from mono_quant import reference
+from mono_quant.state import HistogramState, RangeState
 
 __all__ = [
     "BACKENDS",
@@ -136,7 +137,7 @@ def _minmax_op(
     averaging_constant: float | None,
     backend: str,
 ) -> None:
-    _impl(x, backend).minmax_update_(x, running_min, running_max, seen, averaging_constant)
+    _impl(x, backend).minmax_update_(x, RangeState(running_min, running_max, seen), averaging_constant)
 
 
 def _minmax_per_channel_op(
@@ -148,9 +149,8 @@ def _minmax_per_channel_op(
     averaging_constant: float | None,
     backend: str,
 ) -> None:
-    _impl(x, backend).minmax_per_channel_update_(
-        x, ch_axis, running_min, running_max, seen, averaging_constant
-    )
+    state = RangeState(running_min, running_max, seen)
+    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant)
 
 
 def _histogram_op(
@@ -163,27 +163,29 @@ def _histogram_op(
     counts: torch.Tensor,
     backend: str,
 ) -> None:
-    _impl(x, backend).histogram_update_(x, running_min, running_max, seen, exponent, origin, counts)
+    state = HistogramState(running_min, running_max, seen, exponent, origin, counts)
+    _impl(x, backend).histogram_update_(x, state)
 
 
+# op name -> (body, schema, mutated arguments); a state tuple is passed as its tensors, in field order
 _SCHEMAS = {
     "minmax_update": (
         _minmax_op,
         "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
         "float? averaging_constant, str backend) -> ()",
-        ("running_min", "running_max", "seen"),
+        RangeState._fields,
     ),
     "minmax_per_channel_update": (
         _minmax_per_channel_op,
         "(Tensor x, int ch_axis, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
         "float? averaging_constant, str backend) -> ()",
-        ("running_min", "running_max", "seen"),
+        RangeState._fields,
     ),
     "histogram_update": (
         _histogram_op,
         "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) exponent, "
         "Tensor(e!) origin, Tensor(f!) counts, str backend) -> ()",
-        ("running_min", "running_max", "seen", "exponent", "origin", "counts"),
+        HistogramState._fields,
     ),
 }
 
@@ -208,31 +210,34 @@ def _compiling() -> bool:
     return _HAVE_CUSTOM_OPS and torch.compiler.is_compiling()
 
 
-def minmax_update_(x, running_min, running_max, seen, averaging_constant=None, *, backend="auto") -> None:
+def minmax_update_(
+    x: torch.Tensor, state: RangeState, averaging_constant: float | None = None, *, backend: str = "auto"
+) -> None:
     """See ``mono_quant.reference.minmax_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.minmax_update(x, running_min, running_max, seen, averaging_constant, backend)
+        torch.ops.mono_quant.minmax_update(x, *state, averaging_constant, backend)
         return
-    _minmax_op(x, running_min, running_max, seen, averaging_constant, backend)
+    _impl(x, backend).minmax_update_(x, state, averaging_constant)
 
 
 def minmax_per_channel_update_(
-    x, ch_axis, running_min, running_max, seen, averaging_constant=None, *, backend="auto"
+    x: torch.Tensor,
+    ch_axis: int,
+    state: RangeState,
+    averaging_constant: float | None = None,
+    *,
+    backend: str = "auto",
 ) -> None:
     """See ``mono_quant.reference.minmax_per_channel_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.minmax_per_channel_update(
-            x, ch_axis, running_min, running_max, seen, averaging_constant, backend
-        )
+        torch.ops.mono_quant.minmax_per_channel_update(x, ch_axis, *state, averaging_constant, backend)
         return
-    _minmax_per_channel_op(x, ch_axis, running_min, running_max, seen, averaging_constant, backend)
+    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant)
 
 
-def histogram_update_(x, running_min, running_max, seen, exponent, origin, counts, *, backend="auto") -> None:
+def histogram_update_(x: torch.Tensor, state: HistogramState, *, backend: str = "auto") -> None:
     """See ``mono_quant.reference.histogram_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.histogram_update(
-            x, running_min, running_max, seen, exponent, origin, counts, backend
-        )
+        torch.ops.mono_quant.histogram_update(x, *state, backend)
         return
-    _histogram_op(x, running_min, running_max, seen, exponent, origin, counts, backend)
+    _impl(x, backend).histogram_update_(x, state)

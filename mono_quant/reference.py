@@ -4,11 +4,7 @@ Each public function here has a Triton twin in ``mono_quant.kernels`` with the s
 same result (min/max, counts and grids bit for bit; the EMA to float32 rounding). They update state
 tensors in place and never return anything, so a caller can hold the buffers of an ``nn.Module``.
 
-State, shared with the kernels:
-    running_min, running_max: float32, ``()`` per tensor or ``(C,)`` per channel; ``+inf``/``-inf``
-        until a finite value has been seen (per channel: in that channel).
-    seen: int64 ``(3,)``: finite values, non-finite values (all channels together), batches observed.
-    exponent, origin: int64 ``()``, the histogram's grid; counts: int64 ``(B,)``.
+State, shared with the kernels: a ``RangeState`` or a ``HistogramState`` (``mono_quant.state``).
 
 Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. Statistics are those of
 the float32 values: a float64 input is converted once (a copy), and its values beyond the float32 range
@@ -24,7 +20,8 @@ import math
 import numpy as np
 import torch
 
-from mono_quant.core.histogram import canonical_grid, floor_scaled, regrid
+from mono_quant.grid import canonical_grid, floor_scaled, regrid
+from mono_quant.state import HistogramState, RangeState
 
 __all__ = [
     "finite_minmax",
@@ -109,7 +106,8 @@ def finite_minmax_per_channel(
 
 
 def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
-    """``seen += [finite, non-finite, 1 batch]`` for a batch of ``n`` values, ``bad`` of them non-finite."""
+    """``seen += [finite, non-finite, 1 batch]`` (the ``Seen`` slots) for a batch of ``n`` values, ``bad`` of
+    them non-finite."""
     if _may_branch(seen):
         # in place through numpy's view of the CPU buffer: 1 us, where building a tensor of the three
         # host integers and adding it takes 4 (an int64 buffer never takes part in autograd)
@@ -120,12 +118,9 @@ def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
 
 
 def _update_range_(
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    mn: torch.Tensor,
-    mx: torch.Tensor,
-    averaging_constant: float | None,
+    state: RangeState, mn: torch.Tensor, mx: torch.Tensor, averaging_constant: float | None
 ) -> None:
+    running_min, running_max = state.running_min, state.running_max
     if averaging_constant is None:
         torch.minimum(running_min, mn, out=running_min)
         torch.maximum(running_max, mx, out=running_max)
@@ -147,13 +142,7 @@ def _update_range_(
         run.copy_(torch.where(torch.isinf(run), cur, torch.where(torch.isinf(cur), run, ema)))
 
 
-def minmax_update_(
-    x: torch.Tensor,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    averaging_constant: float | None = None,
-) -> None:
+def minmax_update_(x: torch.Tensor, state: RangeState, averaging_constant: float | None = None) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place.
 
     ``averaging_constant=None``: running min/max. Otherwise the moving average
@@ -161,65 +150,51 @@ def minmax_update_(
     with a finite value; a batch with no finite value leaves it unchanged.
 
     Args:
-        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
+        x: non-empty float tensor. state: a per-tensor ``RangeState`` (``()`` running min/max).
     """
     x = _float32_values(x)
     if _may_branch(x):  # CPU: the common all-finite batch without the non-finite bookkeeping tensors
         mn, mx = torch.aminmax(x)
         if math.isfinite(mn.item()) and math.isfinite(mx.item()):
-            _update_range_(running_min, running_max, mn.float(), mx.float(), averaging_constant)
-            _count_(seen, x.numel(), 0)
+            _update_range_(state, mn.float(), mx.float(), averaging_constant)
+            _count_(state.seen, x.numel(), 0)
             return
         mn, mx, bad = _finite_minmax_filtered(x)
     else:
         mn, mx, bad = finite_minmax(x)
-    _update_range_(running_min, running_max, mn, mx, averaging_constant)
-    _count_(seen, x.numel(), bad)
+    _update_range_(state, mn, mx, averaging_constant)
+    _count_(state.seen, x.numel(), bad)
 
 
 def minmax_per_channel_update_(
-    x: torch.Tensor,
-    ch_axis: int,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    averaging_constant: float | None = None,
+    x: torch.Tensor, ch_axis: int, state: RangeState, averaging_constant: float | None = None
 ) -> None:
-    """Per-channel ``minmax_update_`` along ``ch_axis``: running_min/max are float32 ``(C,)``."""
+    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``."""
     x = _float32_values(x)
     mn, mx, bad = finite_minmax_per_channel(x, ch_axis)
-    _update_range_(running_min, running_max, mn, mx, averaging_constant)
-    _count_(seen, x.numel(), bad)
+    _update_range_(state, mn, mx, averaging_constant)
+    _count_(state.seen, x.numel(), bad)
 
 
-def histogram_update_(
-    x: torch.Tensor,
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    seen: torch.Tensor,
-    exponent: torch.Tensor,
-    origin: torch.Tensor,
-    counts: torch.Tensor,
-) -> None:
+def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
     """Add the finite values of ``x`` to a canonical-grid histogram, in place.
 
     The new grid is ``canonical_grid`` of the range seen so far, the old counts move to it exactly, then
-    ``x`` is binned on it (see ``mono_quant.core.histogram``).
+    ``x`` is binned on it (see ``mono_quant.grid``).
 
     Args:
-        x: non-empty float tensor. running_min, running_max: float32 ``()``. seen: int64 ``(3,)``.
-        exponent, origin: int64 ``()``. counts: int64 ``(B,)``.
+        x: non-empty float tensor. state: the histogram, updated in place.
     """
+    exponent, origin, counts = state.exponent, state.origin, state.counts
     num_bins = counts.shape[0]
     x = _float32_values(x)
     host = _may_branch(x)
     mn, mx, bad = finite_minmax(x)
     # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
-    grows = not host or mn.item() < running_min.item() or mx.item() > running_max.item()
+    grows = not host or mn.item() < state.running_min.item() or mx.item() > state.running_max.item()
     if grows:
-        torch.minimum(running_min, mn, out=running_min)
-        torch.maximum(running_max, mx, out=running_max)
-        new_e, new_o = canonical_grid(running_min, running_max, num_bins)
+        _update_range_(state.range, mn, mx, None)
+        new_e, new_o = canonical_grid(state.running_min, state.running_max, num_bins)
         counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
         exponent.copy_(new_e)
         origin.copy_(new_o)
@@ -250,4 +225,4 @@ def histogram_update_(
         # whatever histc's rounding, and NaN / +-Inf fall outside and are skipped. Float counts are exact
         # per chunk (< 2**24 values). No data-dependent shape, no host read.
         counts += torch.histc(t, bins=num_bins, min=-0.5, max=num_bins - 0.5).to(torch.int64)
-    _count_(seen, x.numel(), bad)
+    _count_(state.seen, x.numel(), bad)

@@ -10,6 +10,7 @@ import torch
 
 import mono_quant
 from mono_quant import ops
+from mono_quant.state import RangeState
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 
@@ -43,8 +44,7 @@ def test_env_variable_switches_auto(monkeypatch):
 def test_forcing_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        seen = torch.zeros(3, dtype=torch.int64)
-        ops.minmax_update_(torch.ones(2), torch.tensor(0.0), torch.tensor(0.0), seen, backend="triton")
+        ops.minmax_update_(torch.ones(2), RangeState.empty(), backend="triton")
 
 
 def test_forcing_triton_without_kernels(monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mono_quant import bench
-from mono_quant.core import histogram as hist
+from mono_quant.core import search
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -85,9 +85,9 @@ def test_loops_pick_the_vectorized_threshold():
         h = torch.randint(0, 1000, (n,), generator=gen) * (torch.rand(n, generator=gen) > 0.2)
         h[min(1, n - 1)] += 1  # at least one count where the zero-bin rule copies from
         hz = torch.cat([h[1:2], h[1:]]) if n > 1 else h
-        hi = hist.symmetric_candidates(n, "cpu")
-        scores = hist.kl_divergences(hz, torch.zeros_like(hi), hi, 128)
-        expected = int(hi[hist.last_argmin(scores)])
+        hi = search.symmetric_candidates(n, "cpu")
+        scores = search.kl_divergences(hz, torch.zeros_like(hi), hi, 128)
+        expected = int(hi[search.last_argmin(scores)])
         for loop in (loops.loop_numpy, loops.loop_python):
             threshold, divergences = loop(h.numpy(), 128)
             assert threshold == expected

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mono_quant
-from mono_quant.core.histogram import bin_index
+from mono_quant.grid import bin_index
+from mono_quant.state import HistogramState, RangeState
 
 pytestmark = pytest.mark.gpu
 
@@ -54,14 +55,12 @@ def test_triton_equals_torch_on_cuda(cls, kwargs, dtype, shape):
 @pytest.mark.parametrize("strategy", khist.HIST_STRATEGIES)
 def test_histogram_strategies_on_cuda(strategy):
     obs = mono_quant.HistogramObserver(bins=2048, backend="torch").to(DEV)
-    state = [torch.empty_like(b).copy_(b) for b in (obs.running_min, obs.running_max, obs.seen, obs.exponent,
-                                                     obs.origin, obs.counts)]  # fmt: skip
+    state = HistogramState(*(b.clone() for b in obs.state()))
     concentrated = torch.randn(1 << 20, device=DEV).round().to(torch.bfloat16)  # 7 bins hold almost all
     for x in [*_data((1 << 20,), torch.bfloat16), concentrated]:
-        khist.histogram_update_(x, *state, strategy=strategy)
+        khist.histogram_update_(x, state, strategy=strategy)
         obs(x)
-    for g, w in zip(state, (obs.running_min, obs.running_max, obs.seen, obs.exponent, obs.origin, obs.counts),
-                    strict=True):  # fmt: skip
+    for g, w in zip(state, obs.state(), strict=True):
         assert torch.equal(g, w)
 
 
@@ -70,9 +69,8 @@ def test_more_than_2_31_elements():
     x = torch.empty(n, dtype=torch.bfloat16, device=DEV).uniform_(-1, 1)
     x[-1] = 7.0  # the max sits past the 2**31 boundary
     x[-2] = float("nan")
-    st = [torch.tensor(float("inf"), device=DEV), torch.tensor(float("-inf"), device=DEV),
-          torch.zeros(3, dtype=torch.int64, device=DEV)]  # fmt: skip
-    kernels.minmax_update_(x, *st)
+    st = RangeState.empty((), DEV)
+    kernels.minmax_update_(x, st)
     assert float(st[1]) == 7.0 and st[2].tolist() == [n - 1, 1, 1]
     obs = mono_quant.HistogramObserver(bins=256, backend="triton").to(DEV)
     obs(x)

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mono_quant import HistogramObserver
-from mono_quant.core import histogram as H
+from mono_quant import grid as G
+from mono_quant.core import search as S
+from mono_quant.state import merge_histograms
 
 
 def _oracle_counts(values: torch.Tensor, exponent: int, origin: int, num_bins: int) -> torch.Tensor:
@@ -53,7 +55,7 @@ def _assert_same(a, b):
 def test_counts_equal_exact_binning(values):
     obs = _observe([values])
     e, o = int(obs.exponent), int(obs.origin)
-    assert H.E_MIN <= e <= H.E_MAX
+    assert G.E_MIN <= e <= G.E_MAX
     assert torch.equal(obs.counts, _oracle_counts(values, e, o, obs.counts.shape[0]))
     assert int(obs.counts.sum()) == values.numel()
     assert obs.counts.dtype == torch.int64
@@ -66,7 +68,7 @@ def test_grid_is_the_finest_that_fits_and_resolution_holds(bins):
     e, o, nb = int(obs.exponent), int(obs.origin), obs.counts.shape[0]
     mn, mx = float(values.min()), float(values.max())
     w = 2.0**e
-    assert nb == H.internal_bins(bins)
+    assert nb == G.internal_bins(bins)
     assert o == math.floor(mn / w)
     assert math.floor(mx / w) - o < nb  # everything fits
     assert math.floor(mx / (w / 2)) - math.floor(mn / (w / 2)) >= nb  # one step finer would not
@@ -129,7 +131,7 @@ def test_merge_is_exact_associative_and_commutative(parts, seed):
     order = torch.randperm(len(states), generator=torch.Generator().manual_seed(seed)).tolist()
     merged = states[order[0]]
     for i in order[1:]:
-        merged = H.merge_histograms(merged, states[i])
+        merged = merge_histograms(merged, states[i])
     if everything.numel() == 0:
         assert int(merged.counts.sum()) == 0
         return
@@ -143,15 +145,15 @@ def test_merge_rejects_different_bin_counts():
     a = _observe([torch.randn(10)], bins=8).state()
     b = _observe([torch.randn(10)], bins=16).state()
     with pytest.raises(ValueError, match="same `bins`"):
-        H.merge_histograms(a, b)
+        merge_histograms(a, b)
 
 
 def test_regrid_moves_counts_exactly():
     values = torch.randn(1000)
     obs = _observe([values], bins=32)
     e, o = obs.exponent.clone(), obs.origin.clone()
-    new_e, new_o = H.canonical_grid(torch.tensor(-100.0), torch.tensor(100.0), obs.counts.shape[0])
-    moved = H.regrid(obs.counts, e, o, new_e, new_o)
+    new_e, new_o = G.canonical_grid(torch.tensor(-100.0), torch.tensor(100.0), obs.counts.shape[0])
+    moved = G.regrid(obs.counts, e, o, new_e, new_o)
     assert torch.equal(moved, _oracle_counts(values, int(new_e), int(new_o), obs.counts.shape[0]))
 
 
@@ -165,14 +167,14 @@ def test_growing_range_keeps_memory_bounded():
     obs = HistogramObserver(bins=16, backend="torch")
     for k in range(-30, 30, 3):
         obs(torch.randn(100) * 10.0**k)
-    assert obs.counts.shape[0] == H.internal_bins(16)
+    assert obs.counts.shape[0] == G.internal_bins(16)
     assert int(obs.counts.sum()) == 100 * 20
 
 
 def test_abs_histogram_is_a_fold_of_the_signed_one():
     values = torch.randn(4000)
     obs = _observe([values], bins=64)
-    folded = H.abs_histogram(obs.counts, obs.origin)
+    folded = G.abs_histogram(obs.counts, obs.origin)
     w = 2.0 ** int(obs.exponent)
     # values on a negative edge land one |x| bin lower; randn has none
     want = torch.bincount(torch.floor(values.abs().double() / w).long(), minlength=folded.shape[0])
@@ -226,7 +228,7 @@ def test_kl_divergences_match_the_loop(seed, nq):
     g = torch.Generator().manual_seed(seed + 100)
     lo = torch.randint(0, 150, (40,), generator=g)
     hi = lo + torch.randint(1, 150, (40,), generator=g)
-    fast = H.kl_divergences(hist, lo, hi, nq)
+    fast = S.kl_divergences(hist, lo, hi, nq)
     slow = _kl_loop(hist, lo, hi, nq)
     assert torch.equal(torch.isinf(fast), torch.isinf(slow))
     finite = torch.isfinite(slow)
@@ -258,7 +260,7 @@ def test_mse_errors_match_the_loop(seed):
     lo = torch.randint(0, 100, (30,), generator=g)
     hi = lo + torch.randint(1, 100, (30,), generator=g)
     step = torch.rand(30, generator=g, dtype=torch.float64)
-    fast = H.mse_errors(hist, 0.25, -37, lo, hi, step)
+    fast = S.mse_errors(hist, 0.25, -37, lo, hi, step)
     slow = _mse_loop(hist, 0.25, -37, lo, hi, step)
     assert torch.allclose(fast, slow, rtol=1e-9)
 
@@ -267,10 +269,10 @@ def test_symmetric_kl_picks_the_loop_minimum():
     values = torch.distributions.StudentT(3.0).sample((50_000,))
     obs = HistogramObserver(bins=512, method="kl", qscheme="symmetric", backend="torch")
     obs(values)
-    hist = H.abs_histogram(obs.counts, obs.origin)
+    hist = G.abs_histogram(obs.counts, obs.origin)
     hist = hist[: int(torch.nonzero(hist).max()) + 1]
     hist = torch.cat([hist[1:2], hist[1:]])  # ModelOpt's zero-bin rule
-    hi = H.symmetric_candidates(hist.shape[0], "cpu")
+    hi = S.symmetric_candidates(hist.shape[0], "cpu")
     slow = _kl_loop(hist, torch.zeros_like(hi), hi, 128)
     best = hi[len(slow) - 1 - int(torch.argmin(slow.flip(0)))]
     lo_t, hi_t = obs._range()
@@ -327,8 +329,8 @@ def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_curve():
                 scored.append(len(i))
                 return curve[i]
 
-            assert H.coarse_to_fine_argmin(score, count) == true_best
-            assert sum(scored) <= 3 * H.COARSE_CANDIDATES + 2
+            assert S.coarse_to_fine_argmin(score, count) == true_best
+            assert sum(scored) <= 3 * S.COARSE_CANDIDATES + 2
 
 
 @pytest.mark.parametrize("qscheme", ["affine", "symmetric"])

@@ -11,7 +11,8 @@ import torch
 
 import mono_quant
 from mono_quant import reference
-from mono_quant.core.histogram import E_MIN, internal_bins
+from mono_quant.grid import internal_bins
+from mono_quant.state import HistogramState
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
 from mono_quant.kernels import histogram as khist  # noqa: E402
@@ -22,26 +23,19 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
-NAMES = ("running_min", "running_max", "seen", "exponent", "origin", "counts")
+NAMES = HistogramState._fields
 
 
 def fresh(bins):
-    return [
-        torch.tensor(float("inf")),
-        torch.tensor(float("-inf")),
-        torch.zeros(3, dtype=torch.int64),
-        torch.tensor(E_MIN, dtype=torch.int64),
-        torch.zeros((), dtype=torch.int64),
-        torch.zeros(internal_bins(bins), dtype=torch.int64),
-    ]
+    return HistogramState.empty(internal_bins(bins))
 
 
 def check_sequence(seq, bins, dtype, strategy):
     got, want = fresh(bins), fresh(bins)
     for i, x in enumerate(seq):
         x = x.to(dtype)
-        khist.histogram_update_(x, *got, strategy=strategy)
-        reference.histogram_update_(x, *want)
+        khist.histogram_update_(x, got, strategy=strategy)
+        reference.histogram_update_(x, want)
         for name, g, w in zip(NAMES, got, want, strict=True):
             assert torch.equal(g, w), f"batch {i}, {name}: {g} != {w}"
     return got
@@ -93,9 +87,9 @@ def test_special_values(strategy):
 
 def test_steady_state_keeps_grid():
     got = fresh(128)
-    khist.histogram_update_(torch.linspace(-4, 4, 1001), *got)
+    khist.histogram_update_(torch.linspace(-4, 4, 1001), got)
     grid = (got[3].clone(), got[4].clone())
-    khist.histogram_update_(torch.linspace(-3, 3, 999), *got)
+    khist.histogram_update_(torch.linspace(-3, 3, 999), got)
     assert torch.equal(got[3], grid[0]) and torch.equal(got[4], grid[1])
     assert int(got[5].sum()) == 2000
 
@@ -137,7 +131,7 @@ def test_strategy_from_environment(monkeypatch):
     with pytest.raises(ValueError, match="'smem' is not one of histc, atomic, tl_histogram"):
         khist._default_strategy()
     with pytest.raises(ValueError, match="strategy='mma' is not one of"):
-        khist.histogram_update_(torch.randn(10), *fresh(16), strategy="mma")
+        khist.histogram_update_(torch.randn(10), fresh(16), strategy="mma")
 
 
 def test_histc_binning_in_chunks(monkeypatch):

@@ -9,6 +9,7 @@ import torch
 
 import mono_quant
 from mono_quant import reference
+from mono_quant.state import RangeState
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
 import triton  # noqa: E402
@@ -25,11 +26,7 @@ B = kmm.BLOCK
 
 
 def fresh(shape=()):
-    return [
-        torch.full(shape, float("inf")),
-        torch.full(shape, float("-inf")),
-        torch.zeros(3, dtype=torch.int64),
-    ]
+    return RangeState.empty(shape)
 
 
 def assert_state(got, want, ema=None):
@@ -57,8 +54,8 @@ def batches(n, dtype):
 def test_minmax_matches_reference(n, dtype, c):
     got, want = fresh(), fresh()
     for x in batches(n, dtype):
-        kernels.minmax_update_(x, *got, c)
-        reference.minmax_update_(x, *want, c)
+        kernels.minmax_update_(x, got, c)
+        reference.minmax_update_(x, want, c)
         assert_state(got, want, c is not None)
 
 
@@ -66,8 +63,8 @@ def test_minmax_matches_reference(n, dtype, c):
 def test_minmax_large(dtype):
     got, want = fresh(), fresh()
     for x in batches(200_003, dtype)[:2]:
-        kernels.minmax_update_(x, *got, 0.1)
-        reference.minmax_update_(x, *want, 0.1)
+        kernels.minmax_update_(x, got, 0.1)
+        reference.minmax_update_(x, want, 0.1)
     assert_state(got, want, ema=True)
 
 
@@ -81,8 +78,8 @@ def test_all_nonfinite_batches(c):
         torch.full((B + 3,), float("-inf")),
     ]
     for x in seq:
-        kernels.minmax_update_(x, *got, c)
-        reference.minmax_update_(x, *want, c)
+        kernels.minmax_update_(x, got, c)
+        reference.minmax_update_(x, want, c)
         assert_state(got, want, c is not None)
     assert got[0].item() == 2.0 and got[2].tolist() == [1, 5 + 1 + B + 3, 3]
 
@@ -90,8 +87,8 @@ def test_all_nonfinite_batches(c):
 def test_ema_first_observation_and_float64():
     got, want = fresh(), fresh()
     for x in (torch.tensor([-1.0, 3.0], dtype=torch.float64), torch.randn(1000, dtype=torch.float64) * 10):
-        kernels.minmax_update_(x, *got, 0.01)
-        reference.minmax_update_(x, *want, 0.01)
+        kernels.minmax_update_(x, got, 0.01)
+        reference.minmax_update_(x, want, 0.01)
         assert_state(got, want, ema=True)
     assert fresh()[0].isinf()  # sanity of the helper
 
@@ -100,8 +97,8 @@ def test_non_contiguous_input():
     x = torch.randn(64, 96)[:, ::3].t()
     assert not x.is_contiguous()
     got, want = fresh(), fresh()
-    kernels.minmax_update_(x, *got)
-    reference.minmax_update_(x, *want)
+    kernels.minmax_update_(x, got)
+    reference.minmax_update_(x, want)
     assert_state(got, want, ema=False)
 
 
@@ -127,8 +124,8 @@ def test_per_channel_matches_reference(shape, axis, dtype, c):
         x.view(-1)[::11] = float("nan")
         x.view(-1)[3::17] = float("-inf")
         x = x.to(dtype)
-        kernels.minmax_per_channel_update_(x, axis, *got, c)
-        reference.minmax_per_channel_update_(x, axis, *want, c)
+        kernels.minmax_per_channel_update_(x, axis, got, c)
+        reference.minmax_per_channel_update_(x, axis, want, c)
         assert_state(got, want, c is not None)
 
 
@@ -137,8 +134,8 @@ def test_per_channel_nan_channel_and_noncontiguous():
     x[:, 3] = float("nan")  # a channel with nothing finite stays at +-inf
     xt = x.t()  # (40, 8), channels along 0, not contiguous
     got, want = fresh((40,)), fresh((40,))
-    kernels.minmax_per_channel_update_(xt, 0, *got)
-    reference.minmax_per_channel_update_(xt, 0, *want)
+    kernels.minmax_per_channel_update_(xt, 0, got)
+    reference.minmax_per_channel_update_(xt, 0, want)
     assert_state(got, want, ema=False)
     assert got[0][3].isinf() and got[2].tolist() == [8 * 39, 8, 1]
 
@@ -183,7 +180,7 @@ def test_channel_finalize_reduces_every_split(splits, channels, block_s, block_c
     run_min[-1] = float("inf")  # a channel never seen before: the EMA starts from the batch
     seen = torch.tensor([100, 7, 2])
     want_min, want_max = run_min.clone(), run_max.clone()
-    reference._update_range_(want_min, want_max, pmin.amin(0), pmax.amax(0), c)
+    reference._update_range_(RangeState(want_min, want_max, seen.clone()), pmin.amin(0), pmax.amax(0), c)
     bad = int(pbad.sum())
     kmm._channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
         pmin, pmax, pbad, splits, channels, run_min, run_max, seen, 1000, c or 0.0,

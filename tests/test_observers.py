@@ -90,7 +90,9 @@ def test_inference_mode_observes_the_same(cls):
 def test_exported_names():
     for name in [c.__name__ for c in ALL] + ["create_observer", "run_calibration", "merge_histograms"]:
         assert name in mono_quant.__all__ and hasattr(mono_quant, name)
-        assert hasattr(mono_quant.core, name) or name in ("create_observer", "run_calibration")
+        home = mono_quant.state if name == "merge_histograms" else mono_quant.core
+        assert hasattr(home, name) or name in ("create_observer", "run_calibration")
+    assert mono_quant.merge_histograms is mono_quant.state.merge_histograms
 
 
 @pytest.mark.parametrize("cls", ALL)

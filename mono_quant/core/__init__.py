@@ -1,6 +1,5 @@
-"""Observers, the quantization-parameter arithmetic and the canonical-grid histogram."""
+"""Observers, the quantization-parameter arithmetic and the threshold searches."""
 
-from mono_quant.core.histogram import HistogramState, merge_histograms
 from mono_quant.core.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -22,7 +21,6 @@ from mono_quant.core.qparams import (
 
 __all__ = [
     "HistogramObserver",
-    "HistogramState",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver",
@@ -32,7 +30,6 @@ __all__ = [
     "calculate_qparams",
     "dequantize",
     "fake_quantize",
-    "merge_histograms",
     "quant_range",
     "quantization_sqnr",
     "quantize",

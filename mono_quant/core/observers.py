@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mono_quant import ops
-from mono_quant.core import histogram as hist
+from mono_quant import grid, ops
 from mono_quant.core.qparams import QuantSpec, calculate_qparams
+from mono_quant.core.search import HISTOGRAM_METHODS, search_range
+from mono_quant.state import HistogramState, RangeState, Seen
 
 __all__ = [
     "HistogramObserver",
@@ -58,10 +59,9 @@ class ObserverBase(nn.Module):
         super().__init__()
         self.spec = QuantSpec(dtype, qscheme, reduce_range, eps)
         self.backend = ops.check_backend(backend)
-        shape = () if self.ch_axis is None else (0,)
-        self.register_buffer("running_min", torch.full(shape, float("inf")))
-        self.register_buffer("running_max", torch.full(shape, float("-inf")))
-        self.register_buffer("seen", torch.zeros(3, dtype=torch.int64))
+        empty = RangeState.empty(() if self.ch_axis is None else (0,))
+        for name, buf in zip(RangeState._fields, empty, strict=True):
+            self.register_buffer(name, buf)
 
     # --- configuration, read-only views of the spec --------------------------------------------------
     dtype = property(lambda self: self.spec.dtype)
@@ -83,10 +83,19 @@ class ObserverBase(nn.Module):
     @property
     def nonfinite_count(self) -> int:
         """How many NaN / +-Inf values were seen and excluded (reads the device)."""
-        return int(self.seen[1])
+        return int(self.seen[Seen.NONFINITE])
+
+    def range_state(self) -> RangeState:
+        """The running range and ``seen`` as a ``RangeState`` (views of the buffers)."""
+        return RangeState(*(self._buffers[name] for name in RangeState._fields))
 
     def _observed(self) -> bool:
-        return bool(self.seen[2] > 0)
+        """Whether any non-empty batch was observed (also one with nothing finite)."""
+        return bool(self.seen[Seen.BATCHES] > 0)
+
+    def _has_finite(self) -> bool:
+        """Whether any finite value was observed."""
+        return bool(self.seen[Seen.FINITE] > 0)
 
     # --- the interface -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,24 +144,11 @@ class ObserverBase(nn.Module):
     # --- what subclasses implement -------------------------------------------------------------------
     def _observe(self, x: torch.Tensor) -> None:
         if self.ch_axis is None:
-            ops.minmax_update_(
-                x,
-                self.running_min,
-                self.running_max,
-                self.seen,
-                self.averaging_constant,
-                backend=self.backend,
-            )
+            ops.minmax_update_(x, self.range_state(), self.averaging_constant, backend=self.backend)
             return
         axis = self._channel_axis(x)
         ops.minmax_per_channel_update_(
-            x,
-            axis,
-            self.running_min,
-            self.running_max,
-            self.seen,
-            self.averaging_constant,
-            backend=self.backend,
+            x, axis, self.range_state(), self.averaging_constant, backend=self.backend
         )
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +156,7 @@ class ObserverBase(nn.Module):
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _check_finite_seen(self) -> None:
-        finite, nonfinite, _ = (int(v) for v in self.seen)
+        finite, nonfinite = int(self.seen[Seen.FINITE]), int(self.seen[Seen.NONFINITE])
         if finite == 0 and nonfinite == 0:
             raise RuntimeError(
                 f"{type(self).__name__} has observed no data yet; "
@@ -293,13 +289,10 @@ class MovingAveragePerChannelMinMaxObserver(ObserverBase):
         super().__init__(**kwargs)
 
 
-HISTOGRAM_METHODS = ("kl", "mse", "percentile")
-
-
 class HistogramObserver(ObserverBase):
     """Exact histogram of every finite value seen; the range is chosen by a threshold search.
 
-    The histogram lives on the canonical power-of-two grid of ``mono_quant.core.histogram``: feeding the
+    The histogram lives on the canonical power-of-two grid of ``mono_quant.grid``: feeding the
     same values in any batching and order gives identical counts and edges, counts are int64, memory is
     bounded by ``bins``, and the bin width is never coarser than ``(max - min) / bins``.
 
@@ -328,48 +321,37 @@ class HistogramObserver(ObserverBase):
         self.bins = bins
         self.method = method
         self.percentile = float(percentile)
-        self.register_buffer("exponent", torch.tensor(hist.E_MIN, dtype=torch.int64))
-        self.register_buffer("origin", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("counts", torch.zeros(hist.internal_bins(bins), dtype=torch.int64))
+        empty = HistogramState.empty(grid.internal_bins(bins))
+        for name in HistogramState._fields[len(RangeState._fields) :]:
+            self.register_buffer(name, getattr(empty, name))
 
     @property
     def histogram_counts(self) -> torch.Tensor | None:
         """int64 counts of the ``2 * bins + 2`` bins; ``None`` before any finite value."""
-        return self.counts if int(self.seen[0]) > 0 else None
+        return self.counts if self._has_finite() else None
 
     @property
     def bin_edges(self) -> torch.Tensor | None:
         """float64 edges (``len(histogram_counts) + 1``, exact); ``None`` before any finite value."""
-        if int(self.seen[0]) == 0:
+        if not self._has_finite():
             return None
-        return hist.bin_edges(self.exponent, self.origin, self.counts.shape[0])
+        return grid.bin_edges(self.exponent, self.origin, self.counts.shape[0])
 
-    def state(self) -> hist.HistogramState:
+    def state(self) -> HistogramState:
         """The histogram as a ``HistogramState`` (views of the buffers), e.g. for ``merge_histograms``."""
-        return hist.HistogramState(
-            self.exponent, self.origin, self.counts, self.running_min, self.running_max, self.seen[1]
-        )
+        return HistogramState(*(self._buffers[name] for name in HistogramState._fields))
 
     def reset(self) -> None:
         super().reset()
-        self.exponent.fill_(hist.E_MIN)
+        self.exponent.fill_(grid.E_MIN)
         self.origin.zero_()
         self.counts.zero_()
 
     def _observe(self, x: torch.Tensor) -> None:
-        ops.histogram_update_(
-            x,
-            self.running_min,
-            self.running_max,
-            self.seen,
-            self.exponent,
-            self.origin,
-            self.counts,
-            backend=self.backend,
-        )
+        ops.histogram_update_(x, self.state(), backend=self.backend)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = hist.search_range(
+        lo, hi = search_range(
             self.counts,
             self.exponent,
             self.origin,

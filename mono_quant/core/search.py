@@ -1,25 +1,8 @@
-"""The canonical-grid histogram: exact, mergeable, bounded; and the threshold searches on it.
+"""Threshold searches on a canonical-grid histogram: which clipping range quantizes it best.
 
-Grid. Bin width is a power of two ``w = 2**e`` and edges sit at integer multiples of ``w``: with
-state ``(e, origin, counts[B])``, bin ``j`` covers ``[(origin + j) * w, (origin + j + 1) * w)``. A value's
-bin is ``floor(x * 2**-e) - origin``; multiplying by a power of two is exact, so every backend bins every
-value identically. The grid is a function of the finite min and max seen, never of the order:
-
-- ``e`` is the smallest integer in ``[-126, 126]`` with ``floor(max / w) - floor(min / w) < B``, but never
-  below ``floor(log2(max|x|)) - 23`` (the float32 spacing at the largest magnitude: finer bins cannot hold
-  distinct values, and it keeps ``|x| * 2**-e < 2**24``, exact in float32 and int32);
-- ``origin = floor(min / w)``.
-
-Both rules are monotone in the range, so growing the range only coarsens: old bin ``j`` moves to
-``((origin + j) >> k) - origin'`` for ``k = e' - e`` (integer arithmetic, exact). Merging two states
-coarsens both onto the grid of their combined range and adds counts, so merging is associative and
-commutative, and any batching, order or rank split ends on the same grid with the same counts.
-
-``B = internal_bins(bins) = max(2 * bins + 2, 8)``: a power-of-two width wastes up to half the range, so
-twice the user's bins (plus two for the partial bins at the ends) guarantee a width no coarser than
-``(max - min) / bins``, except where the float32-spacing floor above says no finer bins can exist.
-
-Threshold search (all candidates at once, on the histogram's device, float64):
+All candidates are scored at once, on the histogram's device, in float64. Candidates are windows
+``[lo, hi)`` of bins; each objective comes from prefix sums, so the cost is O(candidates * chunks), not
+O(candidates * bins). The methods (``METHODS``, one symmetric and one affine search each):
 
 - ``kl``: TensorRT / ModelOpt entropy calibration. Symmetric: on the |x| histogram (an exact fold, since
   zero is an edge), every candidate of ``i >= 128`` bins (all bins if fewer) is scored by
@@ -42,156 +25,28 @@ Threshold search (all candidates at once, on the histogram's device, float64):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from mono_quant.grid import abs_histogram, regrid
+
 __all__ = [
-    "E_MAX",
-    "E_MIN",
-    "HistogramState",
-    "abs_histogram",
-    "bin_edges",
-    "bin_index",
-    "canonical_grid",
-    "internal_bins",
+    "HISTOGRAM_METHODS",
+    "METHODS",
+    "affine_candidates",
+    "coarse_to_fine_argmin",
     "kl_divergences",
-    "merge_histograms",
+    "last_argmin",
     "mse_errors",
     "percentile_position",
-    "regrid",
     "search_range",
+    "symmetric_candidates",
 ]
 
-E_MIN, E_MAX = -126, 126  # 2**-e stays a normal float32 for every e in range
 # Candidates scored in the first round of the coarse-to-fine searches (mse; affine kl).
 COARSE_CANDIDATES = 256
-
-
-def internal_bins(bins: int) -> int:
-    """Number of bins held for a user ``bins`` (see the module docstring)."""
-    return max(2 * bins + 2, 8)
-
-
-def floor_scaled(x: torch.Tensor, inv_w: torch.Tensor) -> torch.Tensor:
-    """``floor(x * inv_w)`` for float32 ``x`` and a power of two ``inv_w``, as float32.
-
-    The product is exact except where it underflows; a tiny negative value can then round to -0.0,
-    whose floor is 0 instead of -1, so negatives are pinned to at most -1.
-    """
-    q = torch.floor(x * inv_w)
-    return torch.where(x < 0, torch.clamp(q, max=-1.0), q)
-
-
-def bin_index(x: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """Bin of each float32 value on grid ``(exponent, origin)``, as int64 (no range check)."""
-    inv_w = torch.ldexp(torch.ones((), dtype=torch.float32, device=x.device), -exponent).to(torch.float32)
-    return floor_scaled(x, inv_w).to(torch.int64) - origin
-
-
-def canonical_grid(
-    min_val: torch.Tensor, max_val: torch.Tensor, num_bins: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid ``(exponent, origin)`` (0-d int64) of data whose finite range is ``[min_val, max_val]``.
-
-    Pure tensor ops, no host read: usable inside a CUDA graph. For an empty range (``min > max``, nothing
-    finite seen) returns the finest grid ``(E_MIN, 0)``, which any later range coarsens from.
-    """
-    device = min_val.device
-    mn = min_val.to(torch.float32)
-    mx = max_val.to(torch.float32)
-    exps = torch.arange(E_MIN, E_MAX + 1, device=device, dtype=torch.int64)
-    inv_w = torch.ldexp(torch.ones_like(exps, dtype=torch.float32), -exps).to(torch.float32)
-    span = floor_scaled(mx, inv_w) - floor_scaled(mn, inv_w)
-    _, mag_exp = torch.frexp(torch.maximum(mn.abs(), mx.abs()))
-    e_floor = (mag_exp.to(torch.int64) - 1 - 23).clamp(E_MIN, E_MAX)
-    ok = (span < num_bins) & (exps >= e_floor)
-    # exps is increasing and `ok` is monotone in it: the first True is the smallest valid e.
-    exponent = torch.where(ok, exps, E_MAX).amin()
-    empty = ~(mn <= mx)
-    exponent = torch.where(empty, E_MIN, exponent)
-    inv = torch.ldexp(torch.ones((), dtype=torch.float32, device=device), -exponent).to(torch.float32)
-    origin = torch.where(empty, 0, floor_scaled(mn, inv).to(torch.int64))
-    return exponent, origin
-
-
-def regrid(
-    counts: torch.Tensor,
-    exponent: torch.Tensor,
-    origin: torch.Tensor,
-    new_exponent: torch.Tensor,
-    new_origin: torch.Tensor,
-) -> torch.Tensor:
-    """Counts on grid ``(exponent, origin)`` moved to a coarser or equal grid ``(new_exponent, new_origin)``.
-
-    Exact (integer shifts). The new grid must cover the old data, which ``canonical_grid`` of a containing
-    range guarantees; indices are clamped only so that empty bins of an empty state stay in range.
-    """
-    num_bins = counts.shape[0]
-    shift = (new_exponent - exponent).clamp(0, 62)
-    j = torch.arange(num_bins, device=counts.device, dtype=torch.int64)
-    dest = torch.bitwise_right_shift(origin + j, shift) - new_origin
-    dest = dest.clamp(0, num_bins - 1)
-    return torch.zeros_like(counts).index_add_(0, dest, counts)
-
-
-def bin_edges(exponent: torch.Tensor, origin: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """The ``num_bins + 1`` edges of a grid, float64 (exact: integers times a power of two)."""
-    j = torch.arange(num_bins + 1, device=origin.device, dtype=torch.float64)
-    return torch.ldexp(origin.to(torch.float64) + j, exponent)
-
-
-@dataclass
-class HistogramState:
-    """One histogram: the grid, int64 counts, the finite range and how many values it holds.
-
-    ``min_val``/``max_val`` are 0-d float32 (``+inf``/``-inf`` when nothing finite was seen); ``exponent``
-    and ``origin`` 0-d int64; ``counts`` int64 ``(B,)``; ``nonfinite`` 0-d int64.
-    """
-
-    exponent: torch.Tensor
-    origin: torch.Tensor
-    counts: torch.Tensor
-    min_val: torch.Tensor
-    max_val: torch.Tensor
-    nonfinite: torch.Tensor
-
-
-def merge_histograms(a: HistogramState, b: HistogramState) -> HistogramState:
-    """The state one histogram would hold after seeing the data of both (exact, order-free).
-
-    Raises:
-        ValueError: if the two hold a different number of bins.
-    """
-    if a.counts.shape != b.counts.shape:
-        raise ValueError(
-            f"cannot merge histograms of {a.counts.shape[0]} and {b.counts.shape[0]} internal bins; "
-            "observers must be created with the same `bins`"
-        )
-    num_bins = a.counts.shape[0]
-    mn = torch.minimum(a.min_val, b.min_val)
-    mx = torch.maximum(a.max_val, b.max_val)
-    e, o = canonical_grid(mn, mx, num_bins)
-    counts = regrid(a.counts, a.exponent, a.origin, e, o) + regrid(b.counts, b.exponent, b.origin, e, o)
-    return HistogramState(e, o, counts, mn, mx, a.nonfinite + b.nonfinite)
-
-
-def abs_histogram(counts: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """Fold a signed histogram into one of |x| on the same width: bin ``k >= 0`` holds ``[k w, (k+1) w)``.
-
-    Zero is always an edge, so signed bin ``g < 0`` (``[g w, (g+1) w)``) folds onto |x| bin ``-g - 1``.
-    Returns int64 counts of length ``max(|origin|, origin + B)`` (the farthest edge from zero).
-    """
-    num_bins = counts.shape[0]
-    g = origin + torch.arange(num_bins, device=counts.device, dtype=torch.int64)
-    k = torch.where(g >= 0, g, -g - 1)
-    length = int(torch.maximum(origin.abs(), origin + num_bins))
-    return torch.zeros(length, dtype=counts.dtype, device=counts.device).index_add_(0, k, counts)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Threshold search. Candidates are windows [L, R) of bins of one histogram; each objective is computed
-# for all of them at once from prefix sums, so the cost is O(candidates * chunks), not O(candidates * bins).
 
 
 def _xlogx(t: torch.Tensor) -> torch.Tensor:
@@ -374,6 +229,77 @@ def _coarsen_to_reach_zero(
     return regrid(counts, exponent, origin, new_e, new_o), new_e, new_o
 
 
+# --- the methods: each searches |x| (symmetric) or x (affine) ---------------------------------------------
+# symmetric(hist, w, levels, percentile) -> t: the range is [-t, t]; hist is the |x| histogram of width w,
+#     trimmed after its last occupied bin.
+# affine(counts, origin, w, levels, percentile) -> (a, b): the range, before it is widened to hold zero.
+
+
+def _kl_symmetric(hist: torch.Tensor, w: float, levels: int, percentile: float) -> float:
+    hi = symmetric_candidates(hist.shape[0], hist.device)
+    # ModelOpt's zero-bin rule: bin 0 takes bin 1's count, so a spike of exact zeros (ReLU, padding) does not
+    # dominate the divergence
+    if hist.shape[0] > 1:
+        hist = torch.cat([hist[1:2], hist[1:]])
+    score = kl_divergences(hist, torch.zeros_like(hi), hi, max(levels // 2, 1))
+    return int(hi[last_argmin(score)]) * w
+
+
+def _mse_symmetric(hist: torch.Tensor, w: float, levels: int, percentile: float) -> float:
+    hi = symmetric_candidates(hist.shape[0], hist.device)
+    lo = torch.zeros_like(hi)
+    step = 2 * hi.to(torch.float64) * w / (levels - 1)
+    best = coarse_to_fine_argmin(lambda i: mse_errors(hist, w, 0, lo[i], hi[i], step[i]), len(hi))
+    return int(hi[best]) * w
+
+
+def _percentile_symmetric(hist: torch.Tensor, w: float, levels: int, percentile: float) -> float:
+    return percentile_position(hist, percentile / 100.0) * w
+
+
+def _windows(counts: torch.Tensor, origin: int, min_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine candidates as windows of bins of ``counts`` (local indices)."""
+    occupied = torch.nonzero(counts).flatten()
+    first, last = int(occupied[0]), int(occupied[-1])
+    lo, hi = affine_candidates(origin + first, origin + last + 1, counts.device, min_bins)
+    return lo - origin, hi - origin
+
+
+def _kl_affine(counts: torch.Tensor, origin: int, w: float, levels: int, percentile: float):
+    # as the symmetric search starts at 128 bins for 128 levels, KL windows hold at least one bin a level:
+    # narrower ones put a whole chunk in one bin and score near 0 whatever they clip
+    lo, hi = _windows(counts, origin, levels)
+    best = coarse_to_fine_argmin(lambda i: kl_divergences(counts, lo[i], hi[i], levels), len(hi))
+    return (int(lo[best]) + origin) * w, (int(hi[best]) + origin) * w
+
+
+def _mse_affine(counts: torch.Tensor, origin: int, w: float, levels: int, percentile: float):
+    lo, hi = _windows(counts, origin, 1)
+    a = torch.clamp((lo + origin).to(torch.float64) * w, max=0)
+    b = torch.clamp((hi + origin).to(torch.float64) * w, min=0)
+    step = (b - a) / (levels - 1)
+    best = coarse_to_fine_argmin(lambda i: mse_errors(counts, w, origin, lo[i], hi[i], step[i]), len(hi))
+    return (int(lo[best]) + origin) * w, (int(hi[best]) + origin) * w
+
+
+def _percentile_affine(counts: torch.Tensor, origin: int, w: float, levels: int, percentile: float):
+    q = percentile / 100.0
+    return (percentile_position(counts, 1.0 - q) + origin) * w, (percentile_position(counts, q) + origin) * w
+
+
+class Method(NamedTuple):
+    symmetric: Callable[..., float]
+    affine: Callable[..., tuple[float, float]]
+
+
+METHODS: dict[str, Method] = {
+    "kl": Method(_kl_symmetric, _kl_affine),
+    "mse": Method(_mse_symmetric, _mse_affine),
+    "percentile": Method(_percentile_symmetric, _percentile_affine),
+}
+HISTOGRAM_METHODS = tuple(METHODS)
+
+
 def search_range(
     counts: torch.Tensor,
     exponent: torch.Tensor,
@@ -387,7 +313,7 @@ def search_range(
 
     Args:
         counts, exponent, origin: a histogram with at least one count.
-        method: ``"kl"``, ``"mse"`` or ``"percentile"``.
+        method: a key of ``METHODS``: ``"kl"``, ``"mse"`` or ``"percentile"``.
         symmetric: search ``[-t, t]`` on |x|, or an affine window on x.
         levels: number of integer levels, ``qmax - qmin + 1``.
         percentile: for ``"percentile"``, in ``(0, 100]``.
@@ -396,48 +322,13 @@ def search_range(
         ``(lo, hi)`` as Python floats (exact in float32), ``lo <= 0 <= hi``. The caller clips it to the
         observed min/max.
     """
+    search = METHODS[method]
     counts, exponent, origin = _coarsen_to_reach_zero(counts, exponent, origin)
     w = 2.0 ** int(exponent)
-    org = int(origin)
-    device = counts.device
     if symmetric:
         hist = abs_histogram(counts, origin)
         hist = hist[: int(torch.nonzero(hist).max()) + 1]
-        if method == "percentile":
-            t = percentile_position(hist, percentile / 100.0) * w
-            return -t, t
-        hi = symmetric_candidates(hist.shape[0], device)
-        lo = torch.zeros_like(hi)
-        if method == "kl":
-            # ModelOpt's zero-bin rule: bin 0 takes bin 1's count, so a spike of exact zeros (ReLU,
-            # padding) does not dominate the divergence
-            if hist.shape[0] > 1:
-                hist = torch.cat([hist[1:2], hist[1:]])
-            score = kl_divergences(hist, lo, hi, max(levels // 2, 1))
-            t = int(hi[last_argmin(score)]) * w
-        else:
-            step = 2 * hi.to(torch.float64) * w / (levels - 1)
-            best = coarse_to_fine_argmin(lambda i: mse_errors(hist, w, 0, lo[i], hi[i], step[i]), len(hi))
-            t = int(hi[best]) * w
+        t = search.symmetric(hist, w, levels, percentile)
         return -t, t
-
-    occupied = torch.nonzero(counts).flatten()
-    first, last = int(occupied[0]), int(occupied[-1])
-    if method == "percentile":
-        q = percentile / 100.0
-        a = (percentile_position(counts, 1.0 - q) + org) * w
-        b = (percentile_position(counts, q) + org) * w
-        return min(a, 0.0), max(b, 0.0)
-    # as the symmetric search starts at 128 bins for 128 levels, KL windows hold at least one bin a level:
-    # narrower ones put a whole chunk in one bin and score near 0 whatever they clip
-    min_bins = levels if method == "kl" else 1
-    lo, hi = affine_candidates(org + first, org + last + 1, device, min_bins)
-    lo, hi = lo - org, hi - org
-    if method == "kl":
-        best = coarse_to_fine_argmin(lambda i: kl_divergences(counts, lo[i], hi[i], levels), len(hi))
-    else:
-        a = torch.clamp((lo + org).to(torch.float64) * w, max=0)
-        b = torch.clamp((hi + org).to(torch.float64) * w, min=0)
-        step = (b - a) / (levels - 1)
-        best = coarse_to_fine_argmin(lambda i: mse_errors(counts, w, org, lo[i], hi[i], step[i]), len(hi))
-    return min((int(lo[best]) + org) * w, 0.0), max((int(hi[best]) + org) * w, 0.0)
+    a, b = search.affine(counts, int(origin), w, levels, percentile)
+    return min(a, 0.0), max(b, 0.0)

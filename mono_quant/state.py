@@ -1,0 +1,116 @@
+"""The observers' state, named once: the tuples that travel through ``ops``, ``reference`` and the kernels,
+and the exact merge of two histograms.
+
+An observer keeps its statistics in registered buffers; a state tuple is a set of views of those buffers,
+handed to an update that changes them in place (``ops.minmax_update_(x, obs.range_state(), ...)``). The
+kernels receive the same tuple and pass its tensors to their kernels as plain pointers.
+
+``seen`` is int64 ``(3,)`` with the named slots of ``Seen``: finite values, non-finite values (NaN and
++-Inf, all channels together) and batches observed (every non-empty batch, also one with nothing finite).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mono_quant.grid import E_MIN, canonical_grid, regrid
+
+__all__ = ["HistogramState", "RangeState", "Seen", "merge_histograms"]
+
+
+class Seen:
+    """Slots of the int64 ``seen`` buffer."""
+
+    FINITE = 0
+    NONFINITE = 1
+    BATCHES = 2
+    SIZE = 3
+
+
+class RangeState(NamedTuple):
+    """The running range and what was seen.
+
+    running_min, running_max: float32, ``()`` per tensor or ``(C,)`` per channel; ``+inf`` / ``-inf`` until a
+    finite value has been seen (per channel: in that channel). seen: int64 ``(3,)`` (``Seen``).
+    """
+
+    running_min: torch.Tensor
+    running_max: torch.Tensor
+    seen: torch.Tensor
+
+    @staticmethod
+    def empty(shape: tuple[int, ...] = (), device=None) -> RangeState:
+        """A state that has seen nothing, on ``device``."""
+        return RangeState(
+            torch.full(shape, float("inf"), device=device),
+            torch.full(shape, float("-inf"), device=device),
+            torch.zeros(Seen.SIZE, dtype=torch.int64, device=device),
+        )
+
+
+class HistogramState(NamedTuple):
+    """A canonical-grid histogram (``mono_quant.grid``) with its range and what was seen.
+
+    running_min, running_max: float32 ``()``; seen: int64 ``(3,)``; exponent, origin: int64 ``()``, the grid
+    (bin ``j`` covers ``[(origin + j) * 2**exponent, (origin + j + 1) * 2**exponent)``); counts: int64
+    ``(B,)``.
+    """
+
+    running_min: torch.Tensor
+    running_max: torch.Tensor
+    seen: torch.Tensor
+    exponent: torch.Tensor
+    origin: torch.Tensor
+    counts: torch.Tensor
+
+    @staticmethod
+    def empty(num_bins: int, device=None) -> HistogramState:
+        """A histogram of ``num_bins`` internal bins that has seen nothing, on the finest grid."""
+        return HistogramState(
+            *RangeState.empty((), device),
+            torch.full((), E_MIN, dtype=torch.int64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+            torch.zeros(num_bins, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def range(self) -> RangeState:
+        """The range part (views of the same tensors)."""
+        return RangeState(self.running_min, self.running_max, self.seen)
+
+    # the names of the first release, kept for now
+    @property
+    def min_val(self) -> torch.Tensor:
+        return self.running_min
+
+    @property
+    def max_val(self) -> torch.Tensor:
+        return self.running_max
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self.seen[Seen.NONFINITE]
+
+
+def merge_histograms(a: HistogramState, b: HistogramState) -> HistogramState:
+    """The state one histogram would hold after seeing the data of both (exact, order-free).
+
+    Both are moved onto the canonical grid of their combined range (``grid.canonical_grid``) and their
+    counts and ``seen`` are added.
+
+    Raises:
+        ValueError: if the two hold a different number of bins.
+    """
+    if a.counts.shape != b.counts.shape:
+        raise ValueError(
+            f"cannot merge histograms of {a.counts.shape[0]} and {b.counts.shape[0]} internal bins; "
+            "observers must be created with the same `bins`"
+        )
+    num_bins = a.counts.shape[0]
+    mn = torch.minimum(a.running_min, b.running_min)
+    mx = torch.maximum(a.running_max, b.running_max)
+    e, o = canonical_grid(mn, mx, num_bins)
+    counts = regrid(a.counts, a.exponent, a.origin, e, o) + regrid(b.counts, b.exponent, b.origin, e, o)
+    return HistogramState(mn, mx, a.seen + b.seen, e, o, counts)
