@@ -5,8 +5,7 @@ statistics come from fused Triton kernels (``mono_quant.kernels``, optional); ev
 ops, with the same results. ``import mono_quant`` needs neither triton nor matplotlib.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from mono_quant._version import __version__
 from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
 from mono_quant.core import (
     HistogramObserver,
@@ -26,11 +25,6 @@ from mono_quant.core import (
 )
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
 from mono_quant.state import HistogramState, RangeState, merge_histograms
-
-try:
-    __version__ = version("mono_quant")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "CalibrationResult",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mono_quant import ops
+from mono_quant.args import CLIError, Parser
 from mono_quant.core.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -33,6 +33,7 @@ from mono_quant.core.observers import (
     ObserverBase,
     PerChannelMinMaxObserver,
 )
+from mono_quant.ops import triton_available
 
 __all__ = [
     "HIDDEN",
@@ -223,7 +224,7 @@ def triton_skip_reason(device: torch.device | str) -> str | None:
     """Why the Triton path cannot be timed on ``device`` (``None`` when it can)."""
     if torch.device(device).type != "cuda":
         return "the Triton kernels run on CUDA tensors; this device is not CUDA"
-    if not ops.triton_available():
+    if not triton_available():
         return "triton or mono_quant.kernels is not importable"
     return None
 
@@ -334,9 +335,7 @@ def _search_cases(device: torch.device, rounds: int) -> Iterator[tuple[str, Call
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from mono_quant.cli import _Parser  # one-line usage errors, as in the rest of the command
-
-    parser = _Parser(
+    parser = Parser(
         prog="mono-quant bench",
         description="Time mono_quant's observers against torch.ao's here and print a markdown table.",
     )
@@ -389,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad arguments.
     """
-    from mono_quant.cli import CLIError
-
     try:
         args = _parse(argv)
     except CLIError as exc:

@@ -2,7 +2,7 @@
 
 ``mono-quant calibrate`` calibrates every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` input of a model with
 several observers at once, scores each observer's qparams by the SQNR of a held-out batch fake-quantized
-with them, and prints a table per layer (see ``mono_quant.report``). Without ``--model`` it runs on the
+with them, and prints a table per layer (see ``mono_quant.compare``). Without ``--model`` it runs on the
 built-in demo transformer (``mono_quant.demo``). ``mono-quant bench`` runs ``mono_quant.bench``.
 
 Every mistake in the arguments ends the command with one line on stderr (what is wrong, what is allowed)
@@ -17,6 +17,8 @@ import importlib.util
 import os
 import sys
 import time
+
+from mono_quant.args import CLIError, Parser, one_line, positive_int
 
 __all__ = ["CLIError", "main"]
 
@@ -51,8 +53,8 @@ files:
                 "sqnr_db", "observer" (class), "settings" (its constructor keywords), ...}}}}}
   --save-state  torch.save of {"format": "mono_quant.observer_state", "version": 1, "observers":
                 {observer: {"class": name, "layers": {layer: {"kwargs": {...}, "state_dict": {...}}}}}};
-                mono_quant.report.load_state(path) rebuilds the observers ({observer: {layer: obs}}) to
-                continue calibrating, or to merge runs with mono_quant.distributed.merge_observers
+                mono_quant.io.load_state(path) rebuilds the observers ({observer: {layer: obs}}) to
+                continue calibrating, or to merge runs with mono_quant.merge_observers
 
 examples:
   mono-quant calibrate                                     # the built-in demo, every observer
@@ -63,40 +65,12 @@ examples:
 """
 
 
-class CLIError(Exception):
-    """A mistake in the command line: printed as one line on stderr, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error raises ``CLIError`` (one line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise CLIError(f"{self.prog}: error: {message}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mono_quant")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``mono-quant`` argument parser (subcommands ``calibrate`` and ``bench``)."""
-    parser = _Parser(prog=PROG, description="Calibration observers for int8/int4 quantization.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    from mono_quant._version import __version__
+
+    parser = Parser(prog=PROG, description="Calibration observers for int8/int4 quantization.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{calibrate,bench}")
     cal = sub.add_parser(
         "calibrate",
@@ -117,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--batches",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"calibration batches (default: {DEFAULT_BATCHES} from the demo or a model's example_inputs, "
         "all but the last for --data)",
     )
     cal.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="CPU threads for torch (default: 1 for the small demo, torch's default otherwise)",
     )
@@ -149,22 +123,22 @@ def _err(message: str) -> CLIError:
     return CLIError(f"{PROG} calibrate: error: {message}")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _observer_kinds(text: str) -> list[str]:
-    from mono_quant.report import OBSERVER_KINDS
+    from mono_quant.compare import COMPARED
+    from mono_quant.core.registry import observer_name
 
-    allowed = ", ".join(OBSERVER_KINDS)
     if text.strip().lower() == "all":
-        return list(OBSERVER_KINDS)
+        return list(COMPARED)
     kinds = []
     for name in text.split(","):
-        key = name.strip().lower().replace("-", "_")
-        if key not in OBSERVER_KINDS:
-            raise _err(f"--observer: unknown observer {name.strip()!r}; choose from {allowed}, or all")
+        try:
+            key = observer_name(name.strip())
+        except ValueError:
+            allowed = ", ".join(COMPARED)
+            raise _err(
+                f"--observer: unknown observer {name.strip()!r}; choose from {allowed} (or any observer name "
+                "of mono_quant.create_observer), or all"
+            ) from None
         if key not in kinds:
             kinds.append(key)
     return kinds
@@ -218,10 +192,10 @@ def _load_model(spec: str):
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise _err(
-            f"--model {spec}: cannot import {module_name!r} ({_one_line(e)}); is it on PYTHONPATH?"
+            f"--model {spec}: cannot import {module_name!r} ({one_line(e)}); is it on PYTHONPATH?"
         ) from None
     except Exception as e:
-        raise _err(f"--model {spec}: importing {module_name!r} raised {_one_line(e)}") from None
+        raise _err(f"--model {spec}: importing {module_name!r} raised {one_line(e)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise _err(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
@@ -235,7 +209,7 @@ def _load_model(spec: str):
     try:
         model = obj()
     except Exception as e:
-        raise _err(f"--model {spec}: calling {attr}() raised {_one_line(e)}") from None
+        raise _err(f"--model {spec}: calling {attr}() raised {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise _err(f"--model {spec}: {attr}() returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
@@ -261,7 +235,7 @@ def _load_data(path: str) -> list:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise _err(f"--data {path}: torch.load(weights_only=True) cannot read it ({_one_line(e)})") from None
+        raise _err(f"--data {path}: torch.load(weights_only=True) cannot read it ({one_line(e)})") from None
     expected = "a tensor, a list of tensors, or a list of dict batches"
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -300,7 +274,7 @@ def _batches(args, model) -> tuple[list, object, str]:
     try:
         data = list(example(n + 1))
     except Exception as e:
-        raise _err(f"--model {args.model}: example_inputs({n + 1}) raised {_one_line(e)}") from None
+        raise _err(f"--model {args.model}: example_inputs({n + 1}) raised {one_line(e)}") from None
     if len(data) < 2:
         raise _err(
             f"--model {args.model}: example_inputs({n + 1}) returned {len(data)} batches, expected {n + 1}"
@@ -324,7 +298,8 @@ def _calibrate(args) -> int:
 
 
 def _compare(args) -> int:
-    from mono_quant import report
+    from mono_quant import compare, io
+    from mono_quant.calibration import engine
 
     kinds = _observer_kinds(args.observer)
     device = _device(args.device)
@@ -348,15 +323,15 @@ def _compare(args) -> int:
     calibration, held_out, source = _batches(args, model)
     try:
         model.to(device)
-        report.target_layers(model)
+        engine.target_modules(model)
     except ValueError as e:
         raise _err(f"--model {name}: {e}") from None
 
-    dtype = report.DTYPES[args.dtype]
+    dtype = compare.DTYPES[args.dtype]
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     try:
-        cmp = report.compare_observers(
+        cmp = compare.compare_observers(
             model, calibration, held_out, kinds, dtype, args.qscheme, device, progress=progress
         )
     except RuntimeError as e:  # the model failed on a batch: the data does not fit the model
@@ -367,24 +342,24 @@ def _compare(args) -> int:
         print(f"{what}: {source}; {args.dtype} {args.qscheme}; {device}")
         print("SQNR: held-out layer input fake-quantized with each observer's qparams, dB (higher is better)")
         print()
-    print(report.format_table(cmp))
+    print(compare.format_table(cmp))
     print()
-    print(report.format_summary(cmp))
+    print(compare.format_summary(cmp))
     if not args.quiet:
         print(f"calibration and scoring took {elapsed:.2f} s")
     if args.save:
-        report.save_qparams(cmp, args.save, model=name)
+        io.save_qparams(cmp, args.save, model=name)
     if args.save_state:
         observers = {layer: {k: s.observer for k, s in row.items()} for layer, row in cmp.scores.items()}
-        report.save_state(observers, args.save_state)
+        io.save_state(observers, args.save_state)
     if args.plot:
-        inputs = report.capture_inputs(model, held_out, device)
-        report.plot_comparison(cmp, args.plot, inputs)
+        inputs = engine.capture_inputs(model, held_out, device)
+        compare.plot_comparison(cmp, args.plot, inputs)
     if not args.quiet:
         for flag, path in (("qparams", args.save), ("observer state", args.save_state), ("plot", args.plot)):
             if path:
                 print(f"wrote {flag} to {path}")
-    print(report.winner_line(cmp))
+    print(compare.winner_line(cmp))
     return 0
 
 

@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from mono_quant import reference
+import mono_quant.reference as reference
 from mono_quant.state import HistogramState, RangeState
 
 __all__ = [
@@ -55,7 +55,7 @@ def check_backend(backend: str) -> str:
 @functools.cache
 def _kernels() -> ModuleType | None:
     try:
-        from mono_quant import kernels
+        import mono_quant.kernels as kernels
     except ImportError:
         return None
     return kernels

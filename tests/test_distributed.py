@@ -157,18 +157,35 @@ def _rank_scenarios(rank: int, world: int, device: torch.device) -> dict:
     every_kind = {k: v.to(device) for k, v in _observers().items()}
     out["collectives"]["every_kind"] = _count_all_reduce(lambda: sync_observers(every_kind))
 
+    # a Mapping in another order on each rank merges by name, not by position
+    named = {"a": mq.MinMaxObserver().to(device), "b": mq.MinMaxObserver().to(device)}
+    named["a"](torch.full((3,), float(rank + 1), device=device))
+    named["b"](torch.full((3,), -10.0 * (rank + 1), device=device))
+    shuffled = {k: named[k] for k in (["a", "b"] if rank % 2 == 0 else ["b", "a"])}
+    sync_observers(shuffled)
+    out["by_name"] = {k: (float(v.min_val), float(v.max_val)) for k, v in shuffled.items()}
+
     # mismatches raise the same error on every rank (and nothing hangs afterwards)
     errors = {}
+    first = rank == 0
     layouts = {
-        "types": [mq.MinMaxObserver(), mq.MinMaxObserver() if rank == 0 else mq.HistogramObserver(bins=8)],
-        "number": [mq.MinMaxObserver() for _ in range(1 + (rank == 0))],
+        "types": [mq.MinMaxObserver(), mq.MinMaxObserver() if first else mq.HistogramObserver(bins=8)],
+        "number": [mq.MinMaxObserver() for _ in range(1 + first)],
+        "names": {"fc1" if first else "fc2": mq.MinMaxObserver()},
+        "dtype": [mq.MinMaxObserver(dtype=torch.qint8 if first else torch.int4)],
+        "qscheme": [mq.MinMaxObserver(qscheme="affine" if first else "symmetric")],
+        "reduce_range": [mq.MinMaxObserver(reduce_range=first)],
+        "eps": [mq.MinMaxObserver(eps=1e-3 if first else 1e-4)],
+        "averaging_constant": [mq.MovingAverageMinMaxObserver(averaging_constant=0.1 if first else 0.2)],
+        "method": [mq.HistogramObserver(bins=8, method="kl" if first else "mse")],
+        "percentile": [mq.HistogramObserver(bins=8, method="percentile", percentile=99.0 if first else 99.9)],
     }
     pc = mq.PerChannelMinMaxObserver(ch_axis=-1).to(device)
     pc(torch.randn(2, CHANNELS + rank, device=device))
     layouts["channels"] = [pc]
     for name, obs in layouts.items():
         try:
-            sync_observers([o.to(device) for o in obs])
+            sync_observers({k: o.to(device) for k, o in obs.items()} if isinstance(obs, dict) else obs)
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
@@ -331,6 +348,12 @@ def test_ema_merge_of_replicated_inputs_is_exact(world):
         assert torch.equal(post["seen"], pre["seen"] * len(ranks))
 
 
+def test_mappings_merge_by_name_whatever_their_order_on_each_rank(world):
+    n, ranks = world
+    for out in ranks:
+        assert out["by_name"] == {"a": (1.0, float(n)), "b": (-10.0 * n, -10.0)}
+
+
 def test_run_calibration_sync(world):
     _, ranks = world
     want = mq.run_calibration(_model(), _batches(), "histogram", observer_kwargs={"bins": 64}, sync=True)
@@ -352,8 +375,22 @@ def test_mismatched_ranks_raise_everywhere(world):
     _, ranks = world
     for out in ranks:
         errors = out["errors"]
-        assert "different types or settings" in errors["types"]
+        assert "different names, types or settings" in errors["types"]
+        assert "HistogramObserver" in errors["types"] and "MinMaxObserver" in errors["types"]
         assert "holds 1 observers and another 2" in errors["number"]
+        assert "'fc1'" in errors["names"] or "'fc2'" in errors["names"]
+        for setting in (
+            "dtype",
+            "qscheme",
+            "reduce_range",
+            "eps",
+            "averaging_constant",
+            "method",
+            "percentile",
+        ):
+            assert "different names, types or settings" in errors[setting], setting
+            assert setting in errors[setting], setting
+            assert errors[setting] == ranks[0]["errors"][setting]  # the same error on every rank
         assert f"{CHANNELS} channels" in errors["channels"]
         assert f"and {CHANNELS + len(ranks) - 1} in another" in errors["channels"]
 
@@ -421,14 +458,65 @@ def test_merge_errors():
         merge_observers([])
     with pytest.raises(ValueError, match="at least one"):
         merge_state_dicts(mq.MinMaxObserver(), [])
-    with pytest.raises(ValueError, match="different types or settings"):
+    with pytest.raises(ValueError, match="different names, types or settings"):
         merge_observers([mq.HistogramObserver(bins=8), mq.HistogramObserver(bins=16)])
-    with pytest.raises(ValueError, match="different types or settings"):
+    with pytest.raises(ValueError, match="different names, types or settings"):
         merge_observers([[mq.MinMaxObserver()], [mq.PerChannelMinMaxObserver()]])
     with pytest.raises(TypeError, match="not an observer"):
         merge_observers([[mq.MinMaxObserver(), 3]])
     with pytest.raises(TypeError, match="cannot merge int"):
         sync_observers(3)
+
+
+def _seen(value: float, **kwargs) -> mq.MinMaxObserver:
+    obs = mq.MinMaxObserver(**kwargs)
+    obs(torch.tensor([value]))
+    return obs
+
+
+def test_offline_mappings_merge_by_name_not_position():
+    a = {"fc1": _seen(1.0), "fc2": _seen(100.0)}
+    b = {"fc2": _seen(200.0), "fc1": _seen(2.0)}
+    merged = merge_observers([a, b])
+    assert list(merged) == ["fc1", "fc2"]
+    assert (float(merged["fc1"].min_val), float(merged["fc1"].max_val)) == (1.0, 2.0)
+    assert (float(merged["fc2"].min_val), float(merged["fc2"].max_val)) == (100.0, 200.0)
+
+
+def test_offline_disjoint_names_are_an_error_or_a_union():
+    a = {"fc1": _seen(1.0), "shared": _seen(5.0)}
+    b = {"fc2": _seen(2.0), "shared": _seen(7.0)}
+    with pytest.raises(ValueError, match=r"different names.*lacks \['fc1'\].*adds \['fc2'\].*strict=False"):
+        merge_observers([a, b])
+    union = merge_observers([a, b], strict=False)
+    assert list(union) == ["fc1", "shared", "fc2"]
+    assert float(union["fc1"].max_val) == 1.0 and float(union["fc2"].max_val) == 2.0
+    assert (float(union["shared"].min_val), float(union["shared"].max_val)) == (5.0, 7.0)
+    assert float(a["fc1"].max_val) == 1.0 and int(a["shared"].seen[2]) == 1  # the sources are untouched
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: mq.MinMaxObserver(dtype=torch.qint8 if v else torch.int4),
+        lambda v: mq.MinMaxObserver(qscheme="affine" if v else "symmetric"),
+        lambda v: mq.MinMaxObserver(reduce_range=v),
+        lambda v: mq.MinMaxObserver(eps=1e-3 if v else 1e-4),
+        lambda v: mq.MovingAverageMinMaxObserver(averaging_constant=0.1 if v else 0.2),
+        lambda v: mq.HistogramObserver(bins=8, method="kl" if v else "mse"),
+        lambda v: mq.HistogramObserver(bins=8, method="percentile", percentile=99.0 if v else 99.9),
+        lambda v: mq.PerChannelMinMaxObserver(ch_axis=0 if v else 1),
+    ],
+)
+def test_offline_merge_of_other_settings_is_an_error(make):
+    a, b = make(True), make(False)
+    for obs in (a, b):
+        obs(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="different names, types or settings"):
+        merge_observers([a, b])
+    template = make(True)
+    with pytest.raises(ValueError, match="saved with other settings"):
+        merge_state_dicts(template, [a.state_dict(), b.state_dict()])
 
 
 @pytest.mark.gpu

@@ -184,12 +184,30 @@ def test_non_float_inputs_raise_type_error(cls, dtype):
 
 @pytest.mark.parametrize("cls", ALL)
 def test_input_on_another_device_names_both_devices(cls):
-    # a CUDA activation into an observer left on the CPU must not reach the kernels (their error says
-    # "cpu tensor?"); the meta device stands in for CUDA on machines without one
+    # an activation on another device than the observer's buffers must not reach the kernels (their error
+    # says "cpu tensor?"); an observer on the meta device stands in for one on CUDA on machines without one
+    obs = _make(cls).to("meta")
+    with pytest.raises(ValueError, match=r"x is on cpu but .* on meta.*observer\.to\('cpu'\)"):
+        obs(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda: torch.randn(4, 3).to_sparse(), "sparse"),
+        (lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]), "nested"),
+        (lambda: torch.empty(4, 3, device="meta"), "meta"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_sparse_nested_and_meta_inputs_are_type_errors_before_any_state_changes(cls, make, what):
     obs = _make(cls)
-    with pytest.raises(ValueError, match=r"x is on meta but .* on cpu.*observer\.to\('meta'\)"):
-        obs(torch.empty(4, 3, device="meta"))
-    assert int(obs.seen[2]) == 0
+    before = {k: v.clone() for k, v in obs.state_dict().items()}
+    with pytest.raises(TypeError, match=what):
+        obs(make())
+    for k, v in obs.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 @pytest.mark.parametrize("cls", ALL)

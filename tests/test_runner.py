@@ -146,9 +146,16 @@ def test_runner_places_each_observer_where_its_activations_are():
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU())
     result = run_calibration(model, [torch.randn(2, 3)], modules=(nn.Linear, nn.GELU))
     assert [o.seen.device.type for o in result.observers.values()] == ["cpu", "cpu"]
+    seen = []
+
+    class Recorder(MinMaxObserver):  # records where it observes (observers refuse meta tensors themselves)
+        def forward(self, x):
+            seen.append((x.device.type, self.seen.device.type, self.running_min.device.type))
+            return x
+
     meta = nn.Sequential(nn.GELU(), nn.ReLU())
-    result = run_calibration(meta, [torch.empty(2, 3, device="meta")] * 2, modules=(nn.GELU,))
-    assert result["0"].seen.device.type == "meta" and result["0"].running_min.device.type == "meta"
+    run_calibration(meta, [torch.empty(2, 3, device="meta")] * 2, Recorder, modules=(nn.GELU,))
+    assert seen == [("meta", "meta", "meta")] * 2
 
 
 def test_runner_without_matching_modules():

@@ -1,10 +1,17 @@
-"""Observers by name and model calibration."""
+"""Model calibration: the engine (targets, hooks, batches) and ``run_calibration`` on it."""
 
-from mono_quant.calibration.runner import (
-    CalibrationResult,
-    ExperimentalWarning,
-    create_observer,
-    run_calibration,
-)
+from mono_quant.calibration.engine import call_model, capture_inputs, layer_input, move_batch, target_modules
+from mono_quant.calibration.runner import CalibrationResult, run_calibration
+from mono_quant.core.registry import ExperimentalWarning, create_observer
 
-__all__ = ["CalibrationResult", "ExperimentalWarning", "create_observer", "run_calibration"]
+__all__ = [
+    "CalibrationResult",
+    "ExperimentalWarning",
+    "call_model",
+    "capture_inputs",
+    "create_observer",
+    "layer_input",
+    "move_batch",
+    "run_calibration",
+    "target_modules",
+]

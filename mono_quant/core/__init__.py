@@ -18,8 +18,11 @@ from mono_quant.core.qparams import (
     quantize,
     sqnr,
 )
+from mono_quant.core.registry import OBSERVERS, ExperimentalWarning, create_observer
 
 __all__ = [
+    "OBSERVERS",
+    "ExperimentalWarning",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -28,6 +31,7 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "QuantSpec",
     "calculate_qparams",
+    "create_observer",
     "dequantize",
     "fake_quantize",
     "quant_range",

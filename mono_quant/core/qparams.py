@@ -38,6 +38,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "calculate_qparams",
     "dequantize",
+    "dtype_from_name",
+    "dtype_name",
     "fake_quantize",
     "quant_range",
     "quantization_sqnr",
@@ -58,6 +60,25 @@ for _name, _rng in (("int4", (-8, 7)), ("uint4", (0, 15))):
         _RANGES[getattr(torch, _name)] = _rng
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_RANGES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"qint8"``, ``"int4"``, ...: how saved files name a quantized dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The quantized dtype a saved file names (``dtype_name``).
+
+    Raises:
+        ValueError: not the name of one of ``SUPPORTED_DTYPES``.
+    """
+    for dtype in SUPPORTED_DTYPES:
+        if dtype_name(dtype) == name:
+            return dtype
+    names = ", ".join(dtype_name(d) for d in SUPPORTED_DTYPES)
+    raise ValueError(f"dtype {name!r} is not a supported quantized dtype; use one of: {names}")
+
 
 _QSCHEMES = {
     "affine": "affine",

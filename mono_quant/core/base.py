@@ -1,0 +1,342 @@
+"""The observer interface and what every observer shares: buffers, checks, saved state.
+
+Every observer shares one interface: ``forward(x)`` observes ``x`` and returns it unchanged (so it can sit
+inline in a model or in a forward hook), ``calculate_qparams()`` returns ``(scale, zero_point)`` and
+``reset()`` forgets everything. State lives in registered buffers, updated in place: ``.to(device)``,
+``state_dict()`` / ``load_state_dict()`` work, and ``.half()`` / ``.double()`` move the buffers without
+changing their dtype (statistics stay float32, counts int64). The statistics come from ``mono_quant.ops``,
+which picks the Triton kernels or the torch reference per call; observers never look at the device, and
+``forward`` never reads a tensor value on the host.
+
+Each observer class declares what the layers above need, so that a new kind is one class in
+``observers.py`` (plus its ops / reference / kernel triple) and a name in ``registry.py``:
+
+- ``settings()``: the constructor keywords that rebuild it (saved files, merge checks, ``_extra_state``);
+- ``MERGE_RULES``: how each buffer merges across ranks or saved runs (``mono_quant.distributed``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from mono_quant.core.qparams import QuantSpec, calculate_qparams, dtype_name
+from mono_quant.ops import check_backend, minmax_per_channel_update_, minmax_update_
+from mono_quant.state import RangeState, Seen
+
+__all__ = ["EMA_RULES", "RANGE_RULES", "ObserverBase"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_EPS = torch.finfo(torch.float32).eps
+
+# How a buffer merges (``mono_quant.distributed``): "min" / "max" / "sum" elementwise; "ema" the mean of
+# the sources' moving averages weighted by the batches each observed; "grid" the canonical grid of the
+# merged range; "counts" histogram counts moved onto that grid and added.
+RANGE_RULES = {"running_min": "min", "running_max": "max", "seen": "sum"}
+EMA_RULES = {"running_min": "ema", "running_max": "ema", "seen": "sum"}
+
+
+class ObserverBase(nn.Module):
+    """What every observer has: a ``QuantSpec``, a backend, a running range and value counts.
+
+    Buffers (a ``RangeState``):
+        running_min, running_max: float32, ``()`` or ``(C,)`` per channel; ``+inf``/``-inf`` until data.
+        seen: int64 ``(3,)``: finite values, non-finite values, non-empty batches observed (``Seen``).
+
+    Subclasses set ``ch_axis`` (``None`` per tensor) and ``averaging_constant`` (``None`` for a running
+    min/max) or override ``_observe`` / ``_range``.
+    """
+
+    # _version 1: the first layout (running_min, running_max, seen[3]; histogram: exponent, origin, counts).
+    # _version 2: the same buffers, and ``_extra_state`` with the class name and ``settings()``, checked on
+    # load (a version-1 state dict still loads).
+    _version = 2
+    ch_axis: int | None = None
+    averaging_constant: float | None = None
+    num_channels: int | None = None
+    MERGE_RULES: dict[str, str] = RANGE_RULES
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.qint8,
+        qscheme="affine",
+        reduce_range: bool = False,
+        eps: float = _EPS,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.spec = QuantSpec(dtype, qscheme, reduce_range, eps)
+        self.backend = check_backend(backend)
+        channels = None if self.ch_axis is None else (self.num_channels or 0,)
+        for name, buf in zip(RangeState._fields, RangeState.empty(channels or ()), strict=True):
+            self.register_buffer(name, buf)
+
+    # --- configuration, read-only views of the spec --------------------------------------------------
+    dtype = property(lambda self: self.spec.dtype)
+    qscheme = property(lambda self: self.spec.qscheme)
+    reduce_range = property(lambda self: self.spec.reduce_range)
+    eps = property(lambda self: self.spec.eps)
+
+    def settings(self) -> dict:
+        """The constructor keywords that rebuild this observer (``backend`` aside)."""
+        out = {
+            "dtype": self.dtype,
+            "qscheme": self.qscheme,
+            "reduce_range": self.reduce_range,
+            "eps": self.eps,
+        }
+        if self.averaging_constant is not None:
+            out["averaging_constant"] = self.averaging_constant
+        if self.ch_axis is not None:
+            out["ch_axis"] = self.ch_axis
+            if self.num_channels is not None:
+                out["num_channels"] = self.num_channels
+        return out
+
+    # --- state views -----------------------------------------------------------------------------------
+    @property
+    def min_val(self) -> torch.Tensor | None:
+        """Min of the finite values seen (per channel: ``(C,)``); ``None`` before any data."""
+        return self.running_min if self._observed() else None
+
+    @property
+    def max_val(self) -> torch.Tensor | None:
+        """Max of the finite values seen (per channel: ``(C,)``); ``None`` before any data."""
+        return self.running_max if self._observed() else None
+
+    @property
+    def nonfinite_count(self) -> int:
+        """How many NaN / +-Inf values were seen and excluded (reads the device)."""
+        return int(self.seen[Seen.NONFINITE])
+
+    def range_state(self) -> RangeState:
+        """The running range and ``seen`` as a ``RangeState`` (views of the buffers)."""
+        return RangeState(*(self._buffers[name] for name in RangeState._fields))
+
+    def _observed(self) -> bool:
+        """Whether any non-empty batch was observed (also one with nothing finite)."""
+        return bool(self.seen[Seen.BATCHES] > 0)
+
+    def _has_finite(self) -> bool:
+        """Whether any finite value was observed."""
+        return bool(self.seen[Seen.FINITE] > 0)
+
+    # --- the interface -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe ``x`` and return it unchanged.
+
+        Raises:
+            TypeError: ``x`` is not a dense, strided tensor of float16, bfloat16, float32 or float64 with
+                values (sparse, nested and meta tensors are refused).
+            ValueError: ``x`` is on another device than the observer's buffers (move the observer with
+                ``.to(device)``, as any module), or a per-channel observer got a tensor without its channel
+                axis, or a different number of channels than before.
+        """
+        _check_input(x)
+        if x.device != self.seen.device:
+            raise ValueError(
+                f"x is on {x.device} but this observer's buffers are on {self.seen.device}; "
+                f"move the observer first: observer.to({str(x.device)!r})"
+            )
+        if x.numel() == 0:
+            return x
+        # no torch.no_grad() needed (1.5 us a call): x is detached and no buffer requires grad
+        self._observe(x.detach())
+        return x
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (int32) from the statistics: 0-d, or ``(C,)`` per channel.
+
+        Raises:
+            RuntimeError: nothing was observed, or nothing finite was (per channel: in some channel).
+        """
+        self._check_finite_seen()
+        lo, hi = self._range()
+        return calculate_qparams(lo, hi, self.spec)
+
+    def reset(self) -> None:
+        """Forget every statistic (a per-channel observer without ``num_channels`` also its channel
+        count); the configuration stays."""
+        if self.ch_axis is not None and self.num_channels is None:
+            self._resize_channels(0)
+        self.running_min.fill_(float("inf"))
+        self.running_max.fill_(float("-inf"))
+        self.seen.zero_()
+
+    # --- what subclasses implement -------------------------------------------------------------------
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.ch_axis is None:
+            minmax_update_(x, self.range_state(), self.averaging_constant, backend=self.backend)
+            return
+        axis, sized_now = self._channel_axis(x)
+        try:
+            minmax_per_channel_update_(
+                x, axis, self.range_state(), self.averaging_constant, backend=self.backend
+            )
+        except BaseException:
+            if sized_now:  # a failed first observation does not fix the channel count
+                self._resize_channels(0)
+            raise
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.running_min, self.running_max
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    def _check_finite_seen(self) -> None:
+        finite, nonfinite = int(self.seen[Seen.FINITE]), int(self.seen[Seen.NONFINITE])
+        if finite == 0 and nonfinite == 0:
+            raise RuntimeError(
+                f"{type(self).__name__} has observed no data yet; "
+                "call it on tensors before calculate_qparams()"
+            )
+        if finite == 0:
+            raise RuntimeError(
+                f"{type(self).__name__} observed {nonfinite} values and none was finite (NaN or +-Inf), "
+                "so there is no range to quantize"
+            )
+        if self.ch_axis is not None:
+            empty = torch.nonzero(~(self.running_min <= self.running_max)).flatten().tolist()
+            if empty:
+                shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
+                raise RuntimeError(
+                    f"{type(self).__name__}: {len(empty)} of {self.running_min.numel()} channels saw no "
+                    f"finite value (channels {shown}), so they have no range to quantize"
+                )
+
+    def _resize_channels(self, channels: int) -> None:
+        self.running_min.resize_(channels).fill_(float("inf"))
+        self.running_max.resize_(channels).fill_(float("-inf"))
+
+    def _channel_axis(self, x: torch.Tensor) -> tuple[int, bool]:
+        """The channel axis of ``x`` as a non-negative int, and whether this call sized the buffers."""
+        if not -x.dim() <= self.ch_axis < x.dim():
+            raise ValueError(f"ch_axis={self.ch_axis} is out of range for a tensor of shape {tuple(x.shape)}")
+        axis = self.ch_axis % x.dim()
+        channels = x.shape[axis]
+        if self.running_min.numel() == 0:
+            # first data fixes the channel count; the shape is known on the host, nothing is read
+            self._resize_channels(channels)
+            return axis, True
+        if self.running_min.numel() != channels:
+            fix = (
+                f"num_channels={self.num_channels} was given"
+                if self.num_channels is not None
+                else "reset() forgets the channel count, to observe another layer"
+            )
+            raise ValueError(
+                f"{type(self).__name__} has {self.running_min.numel()} channels along "
+                f"ch_axis={self.ch_axis}, got a tensor of shape {tuple(x.shape)} with {channels}; {fix}"
+            )
+        return axis, False
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the buffers; .half() / .double() must not change their dtype
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    # --- saved state: the class and its settings travel with the buffers, and are checked on load --------
+    def get_extra_state(self) -> torch.Tensor:
+        """The class name and ``settings()`` as JSON bytes in a uint8 tensor: every value of the state dict
+        stays a tensor (``.cpu()``, ``torch.load(weights_only=True)`` and comparisons keep working)."""
+        return _encode({"class": type(self).__name__, "settings": self._saved_settings()})
+
+    def _saved_settings(self) -> dict:
+        settings = self.settings()
+        settings["dtype"] = dtype_name(settings["dtype"])
+        return settings
+
+    def set_extra_state(self, state) -> None:
+        saved = _decode(state)
+        mine = {"class": type(self).__name__, "settings": self._saved_settings()}
+        if saved.get("class") != mine["class"]:
+            raise ValueError(
+                f"cannot load the state of a {saved.get('class')} into a {mine['class']}; "
+                f"create a {saved.get('class')} to load it"
+            )
+        theirs = saved["settings"]
+        differ = {k for k in {*theirs, *mine["settings"]} if theirs.get(k) != mine["settings"].get(k)}
+        if differ:
+            what = ", ".join(
+                f"{k}: saved {theirs.get(k)!r}, here {mine['settings'].get(k)!r}" for k in sorted(differ)
+            )
+            raise ValueError(
+                f"cannot load into this {mine['class']}: the state was saved with other settings ({what}); "
+                f"create it with the saved settings {theirs}"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            saved = state_dict[key]
+            if not isinstance(saved, torch.Tensor) or saved.dtype != buf.dtype:
+                got = saved.dtype if isinstance(saved, torch.Tensor) else type(saved).__name__
+                raise ValueError(f"cannot load {key}: it must be a {buf.dtype} tensor, got {got}")
+            resizable = name in ("running_min", "running_max") and self.ch_axis is not None
+            if saved.shape != buf.shape:
+                if not (resizable and buf.numel() == 0 and saved.dim() == 1):
+                    raise ValueError(
+                        f"cannot load {key} of shape {tuple(saved.shape)} into a {type(self).__name__} whose "
+                        f"{name} has shape {tuple(buf.shape)}; was it saved from another kind of observer?"
+                    )
+                buf.resize_(saved.shape)  # per-channel buffers take their size from the state
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if (local_metadata or {}).get("version", 1) < 2:  # saved before _extra_state existed
+            extra = prefix + "_extra_state"
+            if extra in missing:
+                missing.remove(extra)
+
+    def extra_repr(self) -> str:
+        parts = [f"dtype={self.dtype}", f"qscheme={self.qscheme!r}"]
+        if self.reduce_range:
+            parts.append("reduce_range=True")
+        if self.eps != _EPS:
+            parts.append(f"eps={self.eps}")
+        if self.ch_axis is not None:
+            parts.append(f"ch_axis={self.ch_axis}")
+        if self.averaging_constant is not None:
+            parts.append(f"averaging_constant={self.averaging_constant}")
+        parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+
+def _encode(obj: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(obj, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def _decode(state) -> dict:
+    """The dict ``_encode`` wrote (or a dict as it is).
+
+    Raises:
+        ValueError: anything else.
+    """
+    obj = state
+    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            obj = json.loads(bytes(state.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+    if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict):
+        raise ValueError("cannot load this observer state: its _extra_state is not what an observer saved")
+    return obj
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"observers take a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        kind = "a nested" if x.is_nested else f"a {x.layout} (sparse)"
+        raise TypeError(f"observers take dense tensors, got {kind} tensor; convert it with .to_dense()")
+    if x.is_meta:
+        raise TypeError("observers take tensors with values, got a tensor on the meta device")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"cannot observe a tensor of dtype {x.dtype}; observers take float16, bfloat16, float32 "
+            "or float64 tensors"
+        )
