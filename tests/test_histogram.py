@@ -357,3 +357,37 @@ def test_mse_search_picks_the_best_scored_candidate(qscheme):
         for t in torch.linspace(0.05, 1, 96).tolist()
     )
     assert chosen <= best * 1.05
+
+
+# --- bounds: bins and memory ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bins", [G.MAX_BINS + 1, 2**24, 2**30])
+def test_bins_past_the_exact_float32_bin_numbers_are_refused(bins):
+    with pytest.raises(ValueError, match=f"bins={bins} must be an int from 1 to {G.MAX_BINS}"):
+        HistogramObserver(bins=bins)
+
+
+def test_the_largest_bins_bin_every_value_exactly():
+    # the example scaled to the largest allowed histogram: the extremes of the range, values two
+    # and four bins from the top, and a value near zero (bin numbers up to internal_bins(MAX_BINS) - 1)
+    k = (G.internal_bins(G.MAX_BINS) - 2).bit_length() - 2  # [-(2**k - 1), 2**k - 1] fits in unit bins
+    values = torch.tensor([-(2.0**k - 1), 2.0**k - 2, 2.0**k - 4, 1.0, 0.5, -0.5])
+    obs = _observe([values], bins=G.MAX_BINS)
+    e, o = int(obs.exponent), int(obs.origin)
+    assert e == 0  # unit bins: every integer value in its own bin
+    assert torch.equal(obs.counts, _oracle_counts(values, e, o, obs.counts.shape[0]))
+
+
+def test_symmetric_kl_search_memory_is_bounded():
+    from mono_quant.bench import peak_extra_bytes
+
+    hist = torch.randint(0, 50, (200_000,))
+    hi = S.symmetric_candidates(hist.shape[0], "cpu")
+    lo = torch.zeros_like(hi)
+    peak = peak_extra_bytes(lambda: S.kl_divergences(hist, lo, hi, 128), "cpu")
+    # all 2e5 candidates at once held (K, 129, 2) float64 gathers: about 1 GB; in groups, a few dozen MB
+    assert peak < 128 * 2**20, peak
+    first, last = S.kl_divergences(hist, lo[:5], hi[:5], 128), S.kl_divergences(hist, lo[-5:], hi[-5:], 128)
+    whole = S.kl_divergences(hist, lo, hi, 128)
+    assert torch.equal(whole[:5], first) and torch.equal(whole[-5:], last)  # the groups change no score

@@ -438,3 +438,186 @@ def test_the_sync_free_path_gives_the_cpu_results(cls, monkeypatch):
         slow(b)
     for (name, a), (_, b) in zip(fast.state_dict().items(), slow.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# --- loading checks what it loads ------------------------------------------------------------------------
+
+
+def _v1(state_dict):
+    """A state dict as the first release saved it: no _extra_state, version 1 in the metadata."""
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    sd = type(state_dict)(sd)
+    sd._metadata = {"": {"version": 1}}
+    return sd
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["v2", "v1"])
+def test_a_per_tensor_state_does_not_load_into_a_per_channel_observer(old):
+    src = MinMaxObserver()
+    src(torch.randn(4, 3))
+    sd = _v1(src.state_dict()) if old else src.state_dict()
+    dst = PerChannelMinMaxObserver(ch_axis=1)
+    with pytest.raises(ValueError, match="MinMaxObserver|shape"):
+        dst.load_state_dict(sd)
+    with pytest.raises(ValueError, match="MinMaxObserver|shape"):
+        mono_quant.merge_state_dicts(PerChannelMinMaxObserver(ch_axis=1), [sd, sd])
+
+
+def test_a_version_1_state_dict_still_loads():
+    src = HistogramObserver(bins=16)
+    src(torch.randn(100))
+    dst = HistogramObserver(bins=16)
+    dst.load_state_dict(_v1(src.state_dict()))
+    assert torch.equal(dst.counts, src.counts) and torch.equal(dst.seen, src.seen)
+
+
+@pytest.mark.parametrize(
+    "saved, here, what",
+    [
+        (
+            lambda: HistogramObserver(bins=16, method="kl"),
+            lambda: HistogramObserver(bins=16, method="mse"),
+            "method",
+        ),
+        (lambda: MinMaxObserver(dtype=torch.qint8), lambda: MinMaxObserver(dtype=torch.int4), "dtype"),
+        (
+            lambda: MovingAverageMinMaxObserver(0.1),
+            lambda: MovingAverageMinMaxObserver(0.2),
+            "averaging_constant",
+        ),
+        (lambda: MinMaxObserver(), lambda: MovingAverageMinMaxObserver(), "MinMaxObserver"),
+    ],
+)
+def test_loading_the_state_of_other_settings_names_them(saved, here, what):
+    src = saved()
+    src(torch.randn(10))
+    with pytest.raises(ValueError, match=what):
+        here().load_state_dict(src.state_dict())
+
+
+def test_loading_a_buffer_of_another_dtype_is_refused():
+    src = MinMaxObserver()
+    src(torch.randn(10))
+    sd = src.state_dict()
+    sd["seen"] = sd["seen"].float()
+    with pytest.raises(ValueError, match="seen: it must be a torch.int64"):
+        MinMaxObserver().load_state_dict(sd)
+
+
+# --- settings are validated where they are given ------------------------------------------------------
+
+
+@pytest.mark.parametrize("c", [1e-46, 1e-40, 0.0, -0.1, 1.5, True, float("nan"), "0.1"])
+def test_averaging_constants_that_never_move_the_range_are_refused(c):
+    for cls in (MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver):
+        with pytest.raises(ValueError, match="averaging_constant"):
+            cls(averaging_constant=c)
+
+
+@pytest.mark.parametrize("p", [50, 49.9, 10, 0, 100.1])
+def test_percentiles_whose_ends_cross_are_refused(p):
+    with pytest.raises(ValueError, match=r"percentile=.* must be a number in \(50, 100\]"):
+        HistogramObserver(method="percentile", percentile=p)
+
+
+# --- per-channel observers: the channel count ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL)
+def test_reset_forgets_the_channel_count_as_the_error_advises(cls):
+    obs = _make(cls, ch_axis=0)
+    obs(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="reset\\(\\) forgets the channel count"):
+        obs(torch.randn(5, 4))
+    obs.reset()
+    obs(torch.randn(5, 4))
+    assert obs.running_min.shape == (5,) and int(obs.seen[2]) == 1
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL)
+def test_num_channels_sizes_the_buffers_and_is_kept_by_reset(cls):
+    obs = _make(cls, ch_axis=-1, num_channels=6)
+    assert obs.running_min.shape == (6,) and obs.min_val is None
+    obs(torch.randn(2, 6))
+    obs.reset()
+    assert obs.running_min.shape == (6,)
+    with pytest.raises(ValueError, match="num_channels=6 was given"):
+        obs(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="num_channels"):
+        cls(num_channels=0)
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL)
+def test_a_failed_first_observation_does_not_fix_the_channel_count(cls, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    obs = cls(ch_axis=0, backend="triton")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        obs(torch.randn(3, 4))  # the kernels cannot run on CPU tensors without the interpreter
+    assert obs.running_min.shape == (0,) and int(obs.seen.sum()) == 0
+    obs.backend = "torch"
+    obs(torch.randn(5, 4))
+    assert obs.running_min.shape == (5,)
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL)
+def test_a_channel_with_nothing_finite_is_an_error_as_per_tensor(cls):
+    x = torch.randn(6, 4)
+    x[:, 2] = float("nan")
+    x[0, 3] = float("inf")  # one non-finite value in a channel that has finite ones too: fine
+    obs = _make(cls, ch_axis=1)
+    obs(x)
+    with pytest.raises(RuntimeError, match=r"1 of 4 channels saw no finite value \(channels 2\)"):
+        obs.calculate_qparams()
+    per_tensor = _make(MinMaxObserver)
+    per_tensor(torch.full((3,), float("nan")))
+    with pytest.raises(RuntimeError, match="none was finite"):
+        per_tensor.calculate_qparams()
+
+
+@pytest.mark.parametrize("cls", PER_CHANNEL)
+def test_compile_fullgraph_of_a_fresh_per_channel_observer_with_num_channels(cls):
+    torch._dynamo.reset()
+    eager = _make(cls, ch_axis=-1, num_channels=8)
+    fresh = _make(cls, ch_axis=-1, num_channels=8)
+    run = torch.compile(fresh, fullgraph=True, backend="aot_eager")
+    for scale in (1.0, 3.0):
+        x = torch.randn(4, 8) * scale
+        run(x)
+        eager(x)
+    assert torch.equal(fresh.running_min, eager.running_min) and torch.equal(fresh.seen, eager.seen)
+
+
+# --- names: one registry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, cls, method",
+    [
+        ("kl", HistogramObserver, "kl"),
+        ("mse", HistogramObserver, "mse"),
+        ("percentile", HistogramObserver, "percentile"),
+        ("histogram", HistogramObserver, "kl"),
+        ("per_channel", PerChannelMinMaxObserver, None),
+        ("per-channel-minmax", PerChannelMinMaxObserver, None),
+        ("moving_average_per_channel", MovingAveragePerChannelMinMaxObserver, None),
+        ("ema", MovingAverageMinMaxObserver, None),
+    ],
+)
+def test_every_registry_name_creates_its_observer(name, cls, method):
+    obs = mono_quant.create_observer(name)
+    assert type(obs) is cls and getattr(obs, "method", None) == method
+
+
+def test_a_keyword_that_contradicts_the_name_is_an_error():
+    with pytest.raises(ValueError, match="observer 'kl' means method='kl', got method='mse'"):
+        mono_quant.create_observer("kl", method="mse")
+    assert mono_quant.create_observer("kl", method="kl", bins=64).bins == 64
+
+
+def test_every_registry_entry_round_trips_through_its_settings():
+    from mono_quant.core.registry import OBSERVERS
+
+    for name in OBSERVERS:
+        obs = mono_quant.create_observer(name)
+        again = type(obs)(**obs.settings())
+        assert again.settings() == obs.settings(), name

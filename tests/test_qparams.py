@@ -131,3 +131,19 @@ def test_bad_dtype_and_qscheme():
         QuantSpec(eps=0)
     assert resolve_qscheme(torch.per_channel_symmetric) == "symmetric"
     assert resolve_qscheme("AFFINE") == "affine"
+
+
+@pytest.mark.parametrize(
+    "eps", [1e-50, 1e-40, float("inf"), 1e39, float("nan"), -1.0, 0.0, True, "1e-3", None]
+)
+def test_eps_that_cannot_be_a_float32_scale_is_refused(eps):
+    # 1e-50 rounds to 0 in float32 (scale 0), 1e39 and inf to inf, 1e-40 is subnormal, True is not a number
+    with pytest.raises(ValueError, match=r"eps=.* must be a number from 1.175e-38"):
+        QuantSpec(eps=eps)
+
+
+@pytest.mark.parametrize("eps", [1.2e-38, 1e-30, 1e-3, 1.0, 3e38])
+def test_eps_in_range_gives_a_finite_positive_scale(eps):
+    spec = QuantSpec(eps=eps)
+    scale, _ = calculate_qparams(torch.tensor(0.0), torch.tensor(0.0), spec)
+    assert torch.isfinite(scale) and float(scale) > 0

@@ -101,3 +101,30 @@ def test_sqnr_per_channel_beats_per_tensor_on_outlier_channel():
     zeros = torch.zeros(16, dtype=torch.int32)
     per_channel = quantization_sqnr(x, amax_c / 127, zeros, -128, 127, ch_axis=-1)
     assert float(per_channel) > float(per_tensor)
+
+
+@pytest.mark.parametrize("qscheme", ["affine", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.quint8, torch.int4, torch.uint4])
+def test_values_near_the_float32_limit_fake_quantize_to_finite_values(qscheme, dtype):
+    from mono_quant import MinMaxObserver
+
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([-big, 0.0, 1.0, big / 3, -big / 7])
+    obs = MinMaxObserver(dtype=dtype, qscheme=qscheme, backend="torch")
+    obs(x[:3])
+    scale, zp = obs.calculate_qparams()
+    qmin, qmax = quant_range(dtype)
+    assert torch.isfinite(scale)
+    out = fake_quantize(x, scale, zp, qmin, qmax)
+    assert torch.isfinite(out).all(), out
+    assert out[0] <= -big / 2  # the end of the range stays at the end, saturated, not -inf
+    assert math.isfinite(float(quantization_sqnr(x[:3], scale, zp, qmin, qmax)))
+
+
+def test_dequantize_saturates_only_past_the_float32_range():
+    big = torch.finfo(torch.float32).max
+    q = torch.tensor([-128, -1, 0, 127], dtype=torch.int32)
+    scale = torch.tensor(big / 127.5)
+    got = dequantize(q, scale, torch.tensor(0))
+    want = q.to(torch.float64) * float(scale)  # exact, then the float32 range
+    assert got[0] == -big and torch.equal(got[1:], want[1:].to(torch.float32))

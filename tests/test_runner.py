@@ -168,3 +168,73 @@ def test_runner_progress_bar(capsys):
     assert "calibrating" in capsys.readouterr().err
     run_calibration(TinyNet(), _data(12), progress=False)
     assert "calibrating" not in capsys.readouterr().err
+
+
+def test_a_compiled_model_is_calibrated_under_its_original_names():
+    torch._dynamo.reset()
+    model = TinyNet()
+    compiled = torch.compile(model, backend="eager")
+    result = run_calibration(compiled, _data(2), progress=False)
+    assert list(result) == ["conv", "fc1", "fc2"]
+    assert all(int(obs.seen[2]) == 2 for obs in result.values())
+
+
+class FeaturesNet(nn.Module):
+    """A forward that takes one dict, as sentence-transformers models do (``model(features)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, features):
+        return self.fc(features["embeddings"] * features["mask"])
+
+
+def test_dict_batches_go_in_as_the_one_argument_of_a_forward_that_takes_one():
+    batches = [{"embeddings": torch.randn(3, 4), "mask": torch.ones(3, 1)} for _ in range(2)]
+    result = run_calibration(FeaturesNet(), batches, progress=False)
+    assert int(result["fc"].seen[2]) == 2
+    # and as keywords where the forward names them
+    result = run_calibration(TinyNet(), [{"x": torch.randn(1, 3, 8, 8), "scale": 2.0}], progress=False)
+    assert int(result["conv"].seen[2]) == 1
+
+
+def test_a_batch_the_model_cannot_take_says_how_batches_are_fed():
+    with pytest.raises(
+        RuntimeError, match=r"(?s)batch 0: TypeError.*a dict batch goes in as keyword arguments"
+    ):
+        run_calibration(TinyNet(), [{"y": torch.randn(1, 3, 8, 8)}], progress=False)
+
+
+def test_an_observer_refusing_its_input_is_not_blamed_on_the_model():
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(ValueError, match="has 3 channels"):  # the observer's own error, not a RuntimeError
+        run_calibration(model, [torch.randn(2, 3), torch.randn(2, 5)], "per_channel", modules=(nn.Identity,))
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "3"])
+def test_max_batches_must_be_positive(bad):
+    with pytest.raises(ValueError, match=r"max_batches=.* must be a positive int or None"):
+        run_calibration(TinyNet(), _data(2), max_batches=bad, progress=False)
+
+
+def test_an_infinite_generator_is_read_only_up_to_max_batches():
+    pulled = []
+
+    def forever():
+        while True:
+            pulled.append(1)
+            yield torch.randn(1, 3, 8, 8)
+
+    result = run_calibration(TinyNet(), forever(), max_batches=3, progress=False)
+    assert result.batches == 3 and len(pulled) == 3
+
+
+def test_per_channel_observers_watch_each_layers_channel_axis():
+    result = run_calibration(TinyNet(), _data(2), "per_channel", progress=False)
+    assert result["conv"].ch_axis == 1 and result["fc1"].ch_axis == -1
+    assert result["conv"].running_min.shape == (3,) and result["fc2"].running_min.shape == (16,)
+    explicit = run_calibration(
+        TinyNet(), _data(2), "per_channel", observer_kwargs={"ch_axis": 0}, progress=False
+    )
+    assert explicit["fc1"].ch_axis == 0

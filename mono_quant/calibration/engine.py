@@ -193,7 +193,8 @@ def run_batches(
             batches, total=total, desc="calibrating", unit="batch", file=sys.stderr, leave=False
         )
     handles = [
-        m.register_forward_pre_hook(hook_factory(name), with_kwargs=True) for name, m in targets.items()
+        m.register_forward_pre_hook(_guarded(hook_factory(name)), with_kwargs=True)
+        for name, m in targets.items()
     ]
     was_training = model.training
     n = 0

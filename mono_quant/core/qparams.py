@@ -133,8 +133,12 @@ class QuantSpec:
     def __post_init__(self):
         quant_range(self.dtype)  # validates the dtype
         object.__setattr__(self, "qscheme", resolve_qscheme(self.qscheme))
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ValueError(f"eps={self.eps!r} must be a positive number")
+        # the smallest scale must itself be a usable float32 scale: positive, normal and finite
+        eps, tiny, big = self.eps, torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not tiny <= eps <= big:
+            raise ValueError(
+                f"eps={eps!r} must be a number from {tiny:.4g} (the smallest normal float32) to {big:.4g}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -225,10 +229,16 @@ def quantize(
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int | None = None
 ) -> torch.Tensor:
-    """Float32 values ``(q - zero_point) * scale`` of integer codes ``q``."""
+    """Float32 values ``(q - zero_point) * scale`` of integer codes ``q``.
+
+    Finite for finite qparams: a product past the float32 range (a range that reaches the float32 limit
+    puts its end codes there after rounding) saturates to ``+-max`` instead of becoming ``+-inf``.
+    """
     s = _broadcast(scale.to(torch.float32), q, ch_axis)
     z = _broadcast(zero_point.to(torch.int32), q, ch_axis)
-    return (q.to(torch.int32) - z).to(torch.float32) * s
+    out = (q.to(torch.int32) - z).to(torch.float32) * s
+    big = torch.finfo(torch.float32).max
+    return out.clamp_(-big, big)
 
 
 def fake_quantize(

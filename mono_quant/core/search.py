@@ -63,12 +63,31 @@ def kl_divergences(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nq: i
 
     Returns:
         ``(K,)`` float64 divergences; ``inf`` where an end bin is empty but receives outliers.
+        Memory: candidates are scored in groups of at most ``2**20`` (candidate, chunk) pairs.
     """
     h = hist.to(torch.float64)
     zero = h.new_zeros(1)
     csum = torch.cat([zero, h.cumsum(0)])  # csum[j] = sum(h[:j])
     cnz = torch.cat([zero, (h > 0).to(torch.float64).cumsum(0)])
-    chl = torch.cat([zero, _xlogx(h).cumsum(0)])
+    prefix = _KLPrefix(csum, torch.stack([csum, cnz], dim=1), torch.cat([zero, _xlogx(h).cumsum(0)]), h)
+    group = max(1, (1 << 20) // (nq + 1))
+    if lo.shape[0] <= group:
+        return _kl_group(prefix, lo, hi, nq)
+    return torch.cat(
+        [_kl_group(prefix, lo[k : k + group], hi[k : k + group], nq) for k in range(0, lo.shape[0], group)]
+    )
+
+
+class _KLPrefix(NamedTuple):
+    csum: torch.Tensor  # (N + 1,) prefix sums of the counts
+    csum_cnz: torch.Tensor  # (N + 1, 2): csum beside the prefix counts of the non-empty bins
+    chl: torch.Tensor  # (N + 1,) prefix sums of h log h
+    h: torch.Tensor  # (N,) the counts, float64
+
+
+def _kl_group(prefix: _KLPrefix, lo: torch.Tensor, hi: torch.Tensor, nq: int) -> torch.Tensor:
+    """``kl_divergences`` of one group of candidates."""
+    csum, csum_cnz, chl, h = prefix
     total = csum[-1]
     n = hi - lo
     last = hi - 1
@@ -91,7 +110,7 @@ def kl_divergences(hist: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nq: i
     # counts and the non-empty bins at every chunk edge.
     c = torch.arange(nq + 1, device=h.device, dtype=torch.int64)
     edges = lo[:, None] + (c[None, :] * n[:, None] + nq - 1) // nq  # (K, nq + 1)
-    at_edges = torch.stack([csum, cnz], dim=1)[edges]  # (K, nq + 1, 2)
+    at_edges = csum_cnz[edges]  # (K, nq + 1, 2)
     chunk = at_edges[:, 1:] - at_edges[:, :-1]
     s_chunk, nz_chunk = chunk[..., 0], chunk[..., 1]  # (K, nq)
     sum_q = csum[hi] - csum[lo]
