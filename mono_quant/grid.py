@@ -39,6 +39,7 @@ __all__ = [
     "floor_scaled",
     "internal_bins",
     "regrid",
+    "regrid_to_range",
 ]
 
 E_MIN, E_MAX = -126, 126  # 2**-e stays a normal float32 for every e in range
@@ -112,6 +113,22 @@ def regrid(
     dest = torch.bitwise_right_shift(origin + j, shift) - new_origin
     dest = dest.clamp(0, num_bins - 1)
     return torch.zeros_like(counts).index_add_(0, dest, counts)
+
+
+def regrid_to_range(
+    counts: torch.Tensor,
+    exponent: torch.Tensor,
+    origin: torch.Tensor,
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A histogram moved onto the canonical grid of a range that contains its data: ``(e, origin, counts)``.
+
+    The one step of every exact merge: two histograms (``state.merge_histograms``), the ranks of a sync
+    (``distributed``), a histogram and a batch that grew the range.
+    """
+    new_e, new_o = canonical_grid(min_val, max_val, counts.shape[0])
+    return new_e, new_o, regrid(counts, exponent, origin, new_e, new_o)
 
 
 def bin_edges(exponent: torch.Tensor, origin: torch.Tensor, num_bins: int) -> torch.Tensor:

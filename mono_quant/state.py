@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from mono_quant.grid import E_MIN, canonical_grid, regrid
+from mono_quant.grid import E_MIN, regrid_to_range
 
 __all__ = ["HistogramState", "RangeState", "Seen", "merge_histograms"]
 
@@ -97,7 +97,7 @@ class HistogramState(NamedTuple):
 def merge_histograms(a: HistogramState, b: HistogramState) -> HistogramState:
     """The state one histogram would hold after seeing the data of both (exact, order-free).
 
-    Both are moved onto the canonical grid of their combined range (``grid.canonical_grid``) and their
+    Both are moved onto the canonical grid of their combined range (``grid.regrid_to_range``) and their
     counts and ``seen`` are added.
 
     Raises:
@@ -108,9 +108,8 @@ def merge_histograms(a: HistogramState, b: HistogramState) -> HistogramState:
             f"cannot merge histograms of {a.counts.shape[0]} and {b.counts.shape[0]} internal bins; "
             "observers must be created with the same `bins`"
         )
-    num_bins = a.counts.shape[0]
     mn = torch.minimum(a.running_min, b.running_min)
     mx = torch.maximum(a.running_max, b.running_max)
-    e, o = canonical_grid(mn, mx, num_bins)
-    counts = regrid(a.counts, a.exponent, a.origin, e, o) + regrid(b.counts, b.exponent, b.origin, e, o)
-    return HistogramState(mn, mx, a.seen + b.seen, e, o, counts)
+    e, o, counts_a = regrid_to_range(a.counts, a.exponent, a.origin, mn, mx)
+    counts_b = regrid_to_range(b.counts, b.exponent, b.origin, mn, mx)[2]
+    return HistogramState(mn, mx, a.seen + b.seen, e, o, counts_a + counts_b)
