@@ -238,3 +238,51 @@ def test_per_channel_observers_watch_each_layers_channel_axis():
         TinyNet(), _data(2), "per_channel", observer_kwargs={"ch_axis": 0}, progress=False
     )
     assert explicit["fc1"].ch_axis == 0
+
+
+class QKV(nn.Module):
+    """Separate q / k / v projections of one input, as Llama's attention has them, then an output proj."""
+
+    def __init__(self, switch_after: int | None = None):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        self.calls, self.switch_after = 0, switch_after
+
+    def forward(self, x):
+        self.calls += 1
+        other = x.clone() if self.switch_after is not None and self.calls > self.switch_after else x
+        return self.o(self.q(x) * self.k(other) + self.v(x))
+
+
+def test_layers_reading_one_input_share_an_observer_and_its_qparams():
+    data = [torch.randn(4, 8) * (i + 1) for i in range(3)]
+    result = run_calibration(QKV(), data, "histogram", progress=False)
+    assert result.groups() == {"q": ["q", "k", "v"]}
+    assert result["q"] is result["k"] is result["v"] and result["o"] is not result["q"]
+    assert int(result["q"].seen[2]) == 3  # observed once per batch, not three times
+    alone = HistogramObserver()
+    for x in data:
+        alone(x)
+    assert torch.equal(result["q"].counts, alone.counts)
+    qp = result.qparams()
+    assert all(torch.equal(a, b) for a, b in zip(qp["q"], qp["v"], strict=True))
+
+
+def test_share_inputs_false_observes_every_layer():
+    data = [torch.randn(4, 8) for _ in range(2)]
+    result = run_calibration(QKV(), data, share_inputs=False, progress=False)
+    assert result.groups() == {} and len({id(o) for o in result.values()}) == 4
+    assert all(int(o.seen[2]) == 2 for o in result.values())
+
+
+def test_layers_that_stop_sharing_their_input_are_an_error():
+    with pytest.raises(RuntimeError, match="'q' and 'k' read the same input tensor in the first batch"):
+        run_calibration(QKV(switch_after=1), [torch.randn(4, 8) for _ in range(2)], progress=False)
+
+
+def test_shared_observers_merge_once_per_group():
+    from mono_quant import merge_observers
+
+    runs = [run_calibration(QKV(), [torch.randn(4, 8) + i], progress=False) for i in range(2)]
+    merged = merge_observers([dict(r) for r in runs])
+    assert int(merged["q"].seen[2]) == 2 and merged["q"] is merged["k"]

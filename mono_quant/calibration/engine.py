@@ -159,6 +159,7 @@ def run_batches(
     device=None,
     max_batches: int | None = None,
     progress: bool = False,
+    on_batch_end: Callable[[], None] | None = None,
 ) -> int:
     """Run ``batches`` through ``model`` with ``hook_factory(name)`` as forward pre-hook on each target layer.
 
@@ -170,7 +171,7 @@ def run_batches(
         model: any ``nn.Module``. batches: an iterable of batches (``call_model``). hook_factory: layer
             name -> forward pre-hook ``(module, args, kwargs)``. modules: the target layer types.
         device: move each batch there first (the model is not moved). max_batches: ``None`` or >= 1.
-        progress: a tqdm bar on stderr.
+        progress: a tqdm bar on stderr. on_batch_end: called after each batch.
 
     Returns:
         The number of batches run.
@@ -210,6 +211,8 @@ def run_batches(
                     hint = f" ({_batch_hint(batch)})" if isinstance(e, TypeError) else ""
                     raise RuntimeError(f"the model failed on batch {n}: {type(e).__name__}: {e}{hint}") from e
                 n += 1
+                if on_batch_end is not None:
+                    on_batch_end()
     finally:
         for h in handles:
             h.remove()
