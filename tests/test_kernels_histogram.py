@@ -94,7 +94,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @pytest.mark.parametrize(
     "strategy,dtype",
-    [("smem_rows", d) for d in DTYPES] + [(s, d) for s in (*ONE_READ[1:], "histc") for d in DTYPES[:2]],
+    [("smem_rows", d) for d in DTYPES] + [(s, torch.bfloat16) for s in (*ONE_READ[1:], "histc")],
 )
 def test_growing_range(strategy, dtype):
     check_sequence(growing(3 * TILE + 5), 64, dtype, strategy)
@@ -105,11 +105,10 @@ def test_sizes(n):
     check_sequence(growing(n), 128, torch.float32, "smem_rows")
 
 
-@pytest.mark.parametrize("strategy", ["smem_rows", "atomic"])
-def test_large_batch_then_steady_state(strategy):
-    x = torch.randn(200_003) * 3
-    state = check_sequence([x, x[:9000] * 0.5, x[5:100_000]], 2048, torch.bfloat16, strategy)
-    assert int(state.counts.sum()) == 200_003 + 9000 + 99_995
+def test_large_batch_then_steady_state():
+    x = torch.randn(150_003) * 3
+    state = check_sequence([x, x[:9000] * 0.5, x[5:60_000]], 2048, torch.bfloat16, "smem_rows")
+    assert int(state.counts.sum()) == 150_003 + 9000 + 59_995
 
 
 @pytest.mark.parametrize("strategy", ONE_READ)
@@ -133,13 +132,15 @@ def test_bin_edges_and_tiny_negatives(strategy):
     check_sequence([edges, below, tiny, torch.cat([edges, tiny]), coarse, edges], 64, torch.float32, strategy)
 
 
-@pytest.mark.parametrize("strategy", ["smem_rows", "tl_histogram"])
-@pytest.mark.parametrize("scale", [1.0, -1.0, 2.0**100, 2.0**-110])
+@pytest.mark.parametrize(
+    "strategy,scale",
+    [("smem_rows", 1.0), ("smem_rows", -1.0), ("smem_rows", 2.0**100), ("tl_histogram", 2.0**-110)],
+)
 def test_scaled_values_near_2_24(strategy, scale):
     """A narrow range at large magnitude: the float32-spacing floor sets the grid, so ``|x * 2**-e|`` and
     the origin are near ``2**24`` and the bin is a difference of two such integers."""
     top = 2.0**24
-    x = (top - torch.randint(1, 4000, (3 * TILE,)).float()) * scale
+    x = (top - torch.randint(1, 4000, (TILE + 5,)).float()) * scale
     x[:3] = torch.tensor([top - 1, top - 4000, top - 2]) * scale
     grow = (top - torch.randint(1, 2000, (500,)).float()) * scale * 0.5  # growing by a factor 2
     check_sequence([x, x[::7], grow, x], 2048, torch.float32, strategy)
@@ -171,7 +172,7 @@ def test_smem_fits_up_to_the_shared_memory_cap(monkeypatch):
     fits = (_smem.PTX_MAX_SLOTS - 3) // 2 - 1  # the largest user bins whose counters fit: 6141
     assert khist.counter_slots(internal_bins(fits)) <= _smem.PTX_MAX_SLOTS
     assert khist.counter_slots(internal_bins(fits + 1)) > _smem.PTX_MAX_SLOTS
-    x = torch.randn(3 * TILE + 1) * 100
+    x = torch.randn(TILE + 1) * 100
     check_sequence([x, x * 3], fits, torch.float32, "smem_rows")
     assert not calls
     check_sequence([x, x * 3], fits + 1, torch.float32, "smem_rows")
@@ -297,8 +298,8 @@ def test_deterministic_mode(monkeypatch):
     )
     torch.use_deterministic_algorithms(True)
     try:
-        check_sequence(growing(300), 64, torch.float32, "histc")
-        check_sequence(growing(300), 64, torch.float32, "smem_rows")
+        check_sequence(growing(300)[:3], 64, torch.float32, "histc")
+        check_sequence(growing(300)[:3], 64, torch.float32, "smem_rows")
     finally:
         torch.use_deterministic_algorithms(False)
-    assert used == ["global"] * 5 + ["scratch"] * 5
+    assert used == ["global"] * 3 + ["scratch"] * 3
