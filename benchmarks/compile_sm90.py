@@ -18,6 +18,8 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
 
 import triton  # noqa: E402
+from mono_quant.kernels import _binning as kbin  # noqa: E402
+from mono_quant.kernels import _smem as kbin_smem  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels._common import launch_options  # noqa: E402
@@ -42,12 +44,6 @@ def _cases():
              "tiles_per_row": "i32", "num_tiles": "i32"}  # fmt: skip
     cfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_splits": "i32", "C": "i32",
             "rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64, "n": "i64", "c": "fp32"}  # fmt: skip
-    hpass = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "hist_ptr": P64,
-             "exp_ptr": P64, "org_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_tiles": "i32",
-             "num_bins": "i32"}  # fmt: skip
-    hfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_partials": "i32", "rmin_ptr": P32,
-            "rmax_ptr": P32, "seen_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64,
-            "delta_ptr": P64, "flag_ptr": "*i32", "n": "i64", "num_bins": "i32"}  # fmt: skip
     yield "minmax_partial", kmm._partial_kernel, part, {"BLOCK": 4096}, 8
     yield "minmax_finalize", kmm._finalize_kernel, fin, {"BLOCK_P": 2048, "EMA": True}, 4
     yield "rows_partial", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128}, 8
@@ -60,15 +56,118 @@ def _cases():
     )
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
-    for strat in ("atomic", "tl_histogram"):  # the pass kernel's binnings; 4098 bins held (2048 user bins)
-        for fused in (True, False):
-            consts = {"BLOCK": khist.BLOCK, "NB": 8192, "FUSED": fused, "STRATEGY": strat}
-            yield f"hist_pass_{strat}_{'fused' if fused else 'rebin'}", khist._pass_kernel, hpass, consts, 8
+
+
+# ---- the histogram kernels: compiled as launched (pointers 16-byte aligned), with instruction checks ----
+
+CUOBJDUMP = os.path.join(_BIN, "cuobjdump")
+HIST_BINS = 4098  # internal bins of the default 2048 user bins
+SHARED_ATOMIC = re.compile(r"ATOMS\.POPC\.INC\S*|ATOMS\.ADD\S*")
+
+
+def _hist_cases():
+    """(name, kernel, signature, constexprs, warps, tile bodies that count in shared memory or None,
+    whether a problem in that counting fails the check: it does for our PTX, it is reported for Triton's
+    own tl.histogram lowering)."""
+    nbs = khist.counter_slots(HIST_BINS)
+    tl_histogram_shared = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
+    for counters, rows, dtype in (("ptx", True, PX), ("ptx", True, P32), ("ptx", False, PX),
+                                  ("tl_histogram", False, PX), ("global", False, PX)):  # fmt: skip
+        consts = dict(
+            BLOCK=khist.PASS_BLOCK, NBS=nbs, SIDE=khist.SIDE, COUNTERS=counters, ROWS=rows,
+            NBP=triton.next_power_of_2(nbs) if counters == "tl_histogram" else 1,
+            DECL=kbin_smem.ptx_declaration(nbs) if counters == "ptx" else "",
+        )  # fmt: skip
+        common = {"x_ptr": dtype, "side_ptr": "*i32", "side_n_ptr": "*i32", "cnt_ptr": "*i32",
+                  "out_ptr": "*i32" if rows else P64, "exp_ptr": P64, "org_ptr": P64}  # fmt: skip
+        sizes = {"n": "i64", "num_full": "i32", "num_bins": "i32"}
+        psig = {"x_ptr": dtype, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, **common, **sizes}
+        osig = {**common, "old_grid_ptr": P64, **sizes}
+        osig = {k: osig[k] for k in kbin._offgrid_kernel.arg_names if k in osig}
+        shared = counters == "ptx" or (counters == "tl_histogram" and tl_histogram_shared)
+        strict = counters == "ptx"
+        tag = f"{counters}_{'rows' if rows else 'atomic'}_{dtype[1:]}"
+        # tile bodies: the pass's full tiles and ragged last one; the off-grid kernel's noted tiles
+        # (masked), all full tiles and the ragged one. Each counts every element once.
+        yield f"hist_pass_{tag}", kbin._pass_kernel, psig, consts, 8, 2 if shared else None, strict
+        if dtype == PX:
+            yield f"hist_offgrid_{tag}", kbin._offgrid_kernel, osig, consts, 8, 3 if shared else None, strict
+    rsig = {"rows_ptr": "*i32", "side_n_ptr": "*i32", "out_ptr": P64, "num_rows": "i32", "num_bins": "i32",
+            "rows_per_split": "i32"}  # fmt: skip
+    for gated in (False, True):
+        consts = {"NBS": nbs, "GATED": gated, "BLOCK_R": 8, "BLOCK_C": 256}
+        name = f"hist_rows_reduce{'_gated' if gated else ''}"
+        yield name, kbin._rows_reduce_kernel, rsig, consts, 4, None, True
     hbins = {"x_ptr": PX, "out_ptr": P32, "exp_ptr": P64, "org_ptr": P64, "start": "i64", "m": "i32",
              "num_bins": "i32"}  # fmt: skip
-    yield "hist_bin_numbers", khist._bin_numbers_kernel, hbins, {"BLOCK": khist.BLOCK}, 8
-    hconsts = {"BLOCK_P": 2048, "BLOCK_B": 1024, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX}
-    yield "hist_finalize", khist._finalize_kernel, hfin, hconsts, 4
+    yield "hist_bin_numbers", khist._bin_numbers_kernel, hbins, {"BLOCK": khist.BLOCK}, 8, None, True
+    hfin = {"pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "num_partials": "i32", "rmin_ptr": P32,
+            "rmax_ptr": P32, "seen_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "old_grid_ptr": P64,
+            "counts_ptr": P64, "delta_ptr": P64, "n": "i64", "num_bins": "i32"}  # fmt: skip
+    for block_b, warps in ((1024, 4), (4096, 8)):  # up to 2**16 bins, and beyond
+        hconsts = {"BLOCK_P": 2048, "BLOCK_B": block_b, "E_LO": khist.E_MIN, "E_HI": khist.E_MAX,
+                   "HAS_DELTA": True}  # fmt: skip
+        yield f"hist_finalize_{block_b}", khist._finalize_kernel, hfin, hconsts, warps, None, True
+
+
+def _sass_problems(sass: str, bodies: int | None, per_body: int) -> list[str]:
+    """What is wrong with a kernel's counting in its SASS: a float CAS loop, the shared atomics missing or
+    not one per element of each tile body (``bodies`` of ``per_body`` each), or a branch or a predicate
+    on them (ptxas wraps predicated atomics in branches)."""
+    problems = ["a float CAS loop (ATOMS.CAST.SPIN)"] if "ATOMS.CAST.SPIN" in sass else []
+    if bodies is None:
+        return problems
+    body = sass.splitlines()
+    idx = [i for i, ln in enumerate(body) if SHARED_ATOMIC.search(ln)]
+    if len(idx) != bodies * per_body:
+        return [*problems, f"{len(idx)} shared atomics, expected {bodies} tile bodies x {per_body}"]
+    for g in range(bodies):
+        span = body[idx[g * per_body] : idx[(g + 1) * per_body - 1] + 1]
+        if any(re.search(r"\b(BSSY|BRA|WARPSYNC)\b", ln) for ln in span):
+            problems.append(f"a branch among the counting atomics of tile body {g}")
+    if any(re.search(r"@!?U?P\d\s+ATOMS", body[i]) for i in idx):
+        problems.append("a predicated shared atomic")
+    return problems
+
+
+def _check_histograms(target) -> bool:
+    """Compile every histogram kernel as launched; report registers, spills, static shared memory and the
+    counting instructions. Returns True when one spills, fails ptxas or counts wrongly."""
+    failed = False
+    print(f"histogram kernels, triton {triton.__version__}, counters on CUDA: {kbin_smem.COUNTERS_ON_GPU}")
+    per_thread = khist.PASS_BLOCK // (32 * 8)  # a tile's elements per thread at 8 warps
+    for name, fn, sig, consts, warps, bodies, strict in _hist_cases():
+        sig = dict(sig, **{k: "constexpr" for k in consts})
+        aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(fn.arg_names) if sig[k][0] == "*"}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)  # as torch allocates
+        kernel = triton.compile(src, target=target, options=launch_options(warps))
+        ptx = kernel.asm["ptx"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+            with open(path, "w") as f:
+                f.write(ptx)
+            out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", cubin],
+                                 capture_output=True, text=True)  # fmt: skip
+            sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
+        log = out.stderr + out.stdout
+        regs = re.search(r"Used (\d+) registers", log)
+        smem = re.search(r"(\d+) bytes smem", log)
+        spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+        problems = _sass_problems(sass, bodies, per_thread)
+        if "fma." in ptx:
+            problems.append("an FMA in the PTX (launched without FP fusion)")
+        if spills or out.returncode:
+            problems.append(f"spills {spills} bytes" if spills else f"ptxas failed: {log[-300:]}")
+        # not strict: Triton's tl.histogram lowering (warp ballots before 3.8, which spill), reported only
+        notes = [] if strict else sorted({p.split(" of tile body")[0] for p in problems})
+        problems = problems if strict else []
+        found = sorted(set(SHARED_ATOMIC.findall(sass))) + (["red.shared"] if "red.shared" in ptx else [])
+        nregs, nsmem = regs.group(1) if regs else "?", smem.group(1) if smem else 0
+        line = f"{name:38} regs={nregs:>4} static_smem={nsmem:>6} dynamic_smem={kernel.metadata.shared:>6}"
+        line += f" {' '.join(found) or '-'}"
+        print(line + "".join(f"  note: {p}" for p in notes) + "".join(f"  PROBLEM: {p}" for p in problems))
+        failed |= bool(problems)
+    return failed
 
 
 def main() -> int:
@@ -93,6 +192,7 @@ def main() -> int:
         nregs = regs.group(1) if regs else "?"
         print(f"{name:32} regs={nregs:>4} spill_bytes={sum(spills):>6} ptxas_rc={out.returncode}")
         spilled |= out.returncode != 0
+    spilled |= _check_histograms(target)
     return 1 if spilled else 0
 
 

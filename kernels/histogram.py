@@ -1,175 +1,98 @@
-"""Canonical-grid histogram kernels: min/max, grid decision and coarsening on the device, and binning.
-Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of ``mono_quant.grid``
-(``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``), re-derived here because kernels never
-import mono_quant. An update never reads a value on the host:
+"""Canonical-grid histogram kernels and their launcher: min/max, grid decision and coarsening on the
+device, and binning. Twin of ``mono_quant.reference.histogram_update_``; the grid rule is that of
+``mono_quant.grid`` (``canonical_grid``, ``regrid``, ``floor_scaled``, ``bin_index``), re-derived in
+``_grid`` because kernels never import mono_quant. An update never reads a value on the host.
 
-1. ``_pass_kernel`` (fused): one read of ``x``. Each persistent program keeps the finite min/max and the
-   non-finite count (per-program partials, as in ``minmax.py``) and bins every finite value against the
-   grid currently in device memory (``exponent``, ``origin``) into a zeroed ``delta`` histogram. Values
-   outside the current grid are dropped there: the grid will change and step 3 redoes them. With the
-   ``"histc"`` binning this step is ``minmax.py``'s partial kernel alone.
-2. ``_finalize_kernel`` (one program): reduces the partials, merges the running min/max, updates
-   ``seen``, computes the canonical grid of the new range by testing all 253 exponents at once, and then
-   either (grid unchanged) adds ``delta`` to ``counts``, or (grid changed) moves the old counts onto the
-   new grid (integer shifts, exact) and raises a flag.
-3. ``"histc"``: ``_bin_numbers_kernel`` and ``torch.histc`` count ``x`` on the final grid (below).
-   Otherwise ``_pass_kernel`` (re-bin) reads the flag; when it is down every program exits before loading
-   anything (the steady state reads ``x`` once); when up, it bins all of ``x`` on the new grid.
+Each update bins the batch, then ``_finalize_kernel`` (one program) reduces the min/max partials, merges the
+running range, updates ``seen``, computes the canonical grid of the new range (all 253 exponents at once),
+adds the batch's counts binned on the old grid, and moves the histogram to the new grid when it changed
+(old bin ``j`` to ``((origin + j) >> k) - origin'``: integer shifts, exact). The binnings
+(``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``) all give the same result:
 
-Binning (``HIST_STRATEGY``, ``MONO_QUANT_HIST_STRATEGY``), each exact and with the same result:
+- ``"histc"`` (the default): the range by ``minmax.py``'s partial kernel, the grid by the finalize, then
+  ``_bin_numbers_kernel`` writes each value's bin centre as float32 and ``torch.histc`` counts them
+  (shared-memory counters on CUDA; no host read: the range is passed as Python numbers), ``HISTC_CHUNK``
+  values per call so that its float32 counts stay exact. Reads ``x`` twice and writes and reads 4 bytes
+  per value more.
+- ``"smem_rows"``, ``"smem_atomic"``: one read of ``x`` in steady state (``_binning``): a fused pass keeps
+  the min/max partials and counts every value into per-program int32 counters in shared memory
+  (``_smem``: inline PTX on Triton 3.6 to 3.9, ``tl.histogram`` from 3.10), flushed once per program as an
+  int32 row that ``_rows_reduce_kernel`` adds up (``"smem_rows"``) or as integer atomics
+  (``"smem_atomic"``).
+  Values off the current grid are counted again on the new grid by ``_offgrid_kernel``, from the tiles
+  each program noted (a bounded side buffer), or from all its tiles when it noted more.
+- ``"tl_histogram"``: the same kernels with ``tl.histogram`` counters on every Triton (before 3.8 it
+  lowers to warp ballots), flushed with atomics.
+- ``"atomic"``: the same kernels counting with a relaxed global int64 atomic per value.
 
-- ``"histc"`` (the default): the first pass only keeps the min/max partials; once the finalize has fixed
-  the grid, ``_bin_numbers_kernel`` writes each value's bin centre as float32 and ``torch.histc`` counts
-  them (shared-memory counters on CUDA, no host read: the range is passed as Python numbers),
-  ``HISTC_CHUNK`` values per call so that its float32 counts stay exact. That reads ``x`` twice and
-  writes and reads 4 bytes per value more, but counting in shared memory is what the GPU needs.
-- ``"atomic"``: the fused pass adds every value with a relaxed global integer atomic; the steady state
-  reads ``x`` once.
-- ``"tl_histogram"``: a private histogram per program with ``tl.histogram`` (indices clamped by hand into
-  an extra dump bin: out-of-range behaviour differs across Triton versions), added once per program.
-  From Triton 3.8 on it compiles to shared-memory atomics (PTX read for sm_90; not timed, the H200
-  machine has 3.6); before, to warp votes that spill about 58 KB per thread.
-
-Measured on an H200 with Triton 3.6 (2026-11-29, 2048 bins, ``benchmarks/results``), 1e8 / 1e9 fp32
-values in one run: ``"histc"`` 1.01 / 9.85 ms, ``"atomic"`` 6.98 / 92.9 ms (14 G atomics/s; relaxing
-them from acquire-release changed nothing), torch.ao 0.92 ms at 1e8 (it syncs with the host; 5.19 ms
-against our 3.93 on LLM-like data, where ``"atomic"`` contends on a few bins and takes 49 ms);
-``"tl_histogram"`` took 1055 ms at 1e9 in an earlier run. Tried and removed: a warp-aggregated atomic
-binning (``match.any.sync``, inline PTX; lost counts on bf16 inputs on the H200) and a tensor-core one
-(int8 matmuls of one-hot matrices; exact but 22 ms at 1e8).
-Counts are int64 everywhere but the per-program int32 accumulators (a program never holds 2**31 values).
+Under ``TRITON_INTERPRET=1`` the ``"smem_*"`` binnings run the same kernels with ``"scratch"`` counters
+(global memory, same slots), so CI runs the index arithmetic the GPU runs. A binning whose counters do not
+fit (``counter_slots(B)`` above ``_smem.PTX_MAX_SLOTS``: 48 KB, up to 6141 user bins; above
+``_smem.TL_HISTOGRAM_MAX_SLOTS`` for ``tl.histogram``: 4093) runs as ``"histc"``; ``"histc"`` runs as
+``"atomic"`` in deterministic mode. Every path is exact for every ``B <= 2**21 + 2`` (``grid.MAX_BINS``
+user bins): ``_grid`` says why. Counts are int64 everywhere but the per-program int32 counters (a program
+never counts ``2**31`` values: ``PROGRAM_VALUES``). Timings, and the binnings tried and removed:
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    accumulate_partials,
-    launch_options,
-    load_finite,
-    max_programs,
-    prepare_input,
-    reduce_partials_and_count,
-    store_partials,
-)
+from . import _smem
+from ._binning import _offgrid_kernel, _pass_kernel, _rows_reduce_kernel
+from ._common import launch_options, load_finite, max_programs, prepare_input, reduce_partials_and_count
+from ._grid import bin_f32, floor_scaled, inv_width
 from .minmax import _partial_kernel as _minmax_partial_kernel
 
 __all__ = ["HIST_STRATEGIES", "histogram_update_"]
 
-BLOCK = 4096
+BLOCK = 4096  # elements per tile of the "histc" binning's kernels
+# elements per tile of the one-read binnings: 8 per thread at 8 warps, about 60 registers (compile_sm90),
+# so PASS_PROGRAMS_PER_SM programs of 256 threads fit on an SM at once (one wave of persistent programs)
+PASS_BLOCK = 2048
+PASS_PROGRAMS_PER_SM = 4
 E_MIN, E_MAX = -126, 126
-HIST_STRATEGIES = ("histc", "atomic", "tl_histogram")
+HIST_STRATEGIES = ("histc", "atomic", "tl_histogram", "smem_rows", "smem_atomic")
 # values per torch.histc call of the "histc" binning: its float32 counts stay exact (at most 2**24 a bin)
 HISTC_CHUNK = 1 << 24
+# tiles with values off the grid that a program notes for re-reading; past that it re-reads all its tiles
+SIDE = 16
+# at most this many values per program, so that its int32 counters cannot overflow
+PROGRAM_VALUES = 1 << 30
+ROWS_PER_SPLIT = 64  # rows per program of the rows' reduction (a few hundred programs on an H200)
 
 
 def _default_strategy() -> str:
     env = os.environ.get("MONO_QUANT_HIST_STRATEGY", "").strip().lower()
     if env and env not in HIST_STRATEGIES:
         raise ValueError(f"MONO_QUANT_HIST_STRATEGY={env!r} is not one of {', '.join(HIST_STRATEGIES)}")
-    return env or "histc"  # the fastest measured (see the docstring)
+    return env or "histc"  # the fastest measured (benchmarks/README.md)
 
 
 HIST_STRATEGY = _default_strategy()
 
 
 @triton.jit
-def _inv_width(e):
-    """``2**-e`` as float32, built from its bits (exact; ``e`` in ``[-126, 126]`` gives a normal float)."""
-    bits = ((127 - e).to(tl.int32)) << 23
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _floor_scaled(x, inv_w):
-    """``floor(x * inv_w)``; negatives pinned to ``<= -1`` (a tiny negative can underflow to -0.0)."""
-    q = tl.floor(x * inv_w)
-    return tl.where(x < 0, tl.minimum(q, -1.0), q)
-
-
-@triton.jit
-def _bin(x, finite, inv_w, origin, num_bins):
-    """Bin index (int64) of each float32 value and whether it is finite and inside the grid."""
-    q = _floor_scaled(x, inv_w)
-    # keep the float -> int conversion defined for values far outside the grid (and non-finite lanes)
-    q = tl.minimum(tl.maximum(q, -1.0e12), 1.0e12)
-    q = tl.where(finite, q, -1.0e12)
-    idx = q.to(tl.int64) - origin
-    inside = finite & (idx >= 0) & (idx < num_bins)
-    return idx, inside
-
-
-@triton.jit
-def _pass_kernel(
-    x_ptr,
-    pmin_ptr,
-    pmax_ptr,
-    pbad_ptr,
-    hist_ptr,
-    exp_ptr,
-    org_ptr,
-    flag_ptr,
-    n,
-    num_tiles,
-    num_bins,
-    BLOCK: tl.constexpr,
-    NB: tl.constexpr,
-    FUSED: tl.constexpr,
-    STRATEGY: tl.constexpr,
-):
-    """Bin ``x`` on the grid in device memory; fused with the min/max partials, or gated by a flag.
-
-    x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)`` (written when ``FUSED``).
-    hist: int64 ``(num_bins,)``, added to. exp, org: int64 ``()``, the grid. flag: int32 ``(1,)``, read when
-    not ``FUSED``: 0 means nothing to do. ``NB``: a power of two above ``num_bins`` (the last bins are the
-    dump for values outside). ``STRATEGY``: ``"atomic"`` or ``"tl_histogram"``.
-    Grid: ``(P,)``, tiles ``p, p + P, ...`` of ``BLOCK`` elements.
-    """
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    lane = tl.arange(0, BLOCK)
-    tiles = num_tiles
-    if not FUSED:
-        tiles = tl.where(tl.load(flag_ptr) != 0, num_tiles, 0)
-    origin = tl.load(org_ptr)
-    inv_w = _inv_width(tl.load(exp_ptr))
-    mn = tl.full([BLOCK], float("inf"), tl.float32)
-    mx = tl.full([BLOCK], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK], tl.int32)
-    local = tl.zeros([NB], tl.int32)
-    for t in range(pid, tiles, nprog):
-        offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
-        mask = offs < n
-        x, finite = load_finite(x_ptr, offs, mask)
-        if FUSED:
-            mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
-        idx, inside = _bin(x, finite, inv_w, origin, num_bins)
-        if STRATEGY == "tl_histogram":
-            local += tl.histogram(tl.where(inside, idx, NB - 1).to(tl.int32), NB)
-        else:
-            tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=inside, sem="relaxed")
-    if STRATEGY == "tl_histogram":
-        b = tl.arange(0, NB)
-        tl.atomic_add(hist_ptr + b, local.to(tl.int64), mask=(b < num_bins) & (local > 0), sem="relaxed")
-    if FUSED:
-        store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
-
-
-@triton.jit
 def _bin_numbers_kernel(x_ptr, out_ptr, exp_ptr, org_ptr, start, m, num_bins, BLOCK: tl.constexpr):
     """``out[i] = bin(x[start + i]) + 0.5`` (float32) for ``i < m``, or -1 where ``x`` is not finite or off
     the grid, for ``torch.histc(out, num_bins, 0, num_bins)``: bin centres, so any rounding in its bin
-    formula lands in the right bin. Grid: ``(cdiv(m, BLOCK),)``."""
+    formula lands in the right bin (``j + 0.5`` is exact for ``j < 2**23``).
+
+    x: [in] ``(start + m,)``; out: [out] float32 ``(m,)``; exp, org: [in] int64 ``()``, the grid.
+    Grid: ``(cdiv(m, BLOCK),)``.
+    """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < m
     x, finite = load_finite(x_ptr + start, offs, mask)
-    idx, inside = _bin(x, finite, _inv_width(tl.load(exp_ptr)), tl.load(org_ptr), num_bins)
-    tl.store(out_ptr + offs, tl.where(inside, idx.to(tl.float32) + 0.5, -1.0), mask=mask)
+    inv_w = inv_width(tl.load(exp_ptr))
+    d, inside = bin_f32(x, finite, inv_w, tl.load(org_ptr).to(tl.float32), num_bins.to(tl.float32))
+    tl.store(out_ptr + offs, tl.where(inside, d + 0.5, -1.0), mask=mask)
 
 
 @triton.jit
@@ -183,20 +106,24 @@ def _finalize_kernel(
     seen_ptr,
     exp_ptr,
     org_ptr,
+    old_grid_ptr,
     counts_ptr,
     delta_ptr,
-    flag_ptr,
     n,
     num_bins,
     BLOCK_P: tl.constexpr,
     BLOCK_B: tl.constexpr,
     E_LO: tl.constexpr,
     E_HI: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
-    """Reduce the partials, update range and ``seen``, choose the grid, move or add the counts. Grid: (1,).
+    """Reduce the partials, update range and ``seen``, choose the grid, add ``delta``, move the counts.
 
-    rmin, rmax: float32 ``()``; seen: int64 ``(3,)``; exp, org: int64 ``()``; counts, delta: int64
-    ``(num_bins,)`` (delta is reused as scratch when the grid changes); flag: int32 ``(1,)``, written.
+    pmin, pmax: [in] float32 ``(P,)``; pbad: [in] int64 ``(P,)``. rmin, rmax: [in, out] float32 ``()``;
+    seen: [in, out] int64 ``(3,)``; exp, org: [in, out] int64 ``()``, the grid; old_grid: [out] int64
+    ``(2,)``, the grid before (for ``_offgrid_kernel``); counts: [in, out] int64 ``(num_bins,)``.
+    delta: ``HAS_DELTA``: [in] int64 ``(num_bins,)``, the batch's counts on the old grid; scratch either way.
+    Grid: ``(1,)``.
     """
     mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
     mn = tl.minimum(tl.load(rmin_ptr), mn)
@@ -210,8 +137,8 @@ def _finalize_kernel(
     mx_s = tl.where(empty, 0.0, mx)
     exps = E_LO + tl.arange(0, 256)
     valid = exps <= E_HI
-    inv = _inv_width(tl.minimum(exps, E_HI))
-    span = _floor_scaled(mx_s, inv) - _floor_scaled(mn_s, inv)
+    inv = inv_width(tl.minimum(exps, E_HI))
+    span = floor_scaled(mx_s, inv) - floor_scaled(mn_s, inv)
     mag = tl.maximum(tl.abs(mn_s), tl.abs(mx_s))
     biased = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
     # frexp: 0 -> exponent 0 (floor -24); subnormals are below 2**-126 (floor clamps to E_LO)
@@ -220,19 +147,22 @@ def _finalize_kernel(
     ok = valid & (span < num_bins) & (exps >= e_floor)
     new_e = tl.min(tl.where(ok, exps, E_HI), 0)
     new_e = tl.where(empty, E_LO, new_e).to(tl.int64)
-    new_o = tl.where(empty, 0, _floor_scaled(mn_s, _inv_width(new_e)).to(tl.int64))
+    new_o = tl.where(empty, 0, floor_scaled(mn_s, inv_width(new_e)).to(tl.int64))
 
     old_e = tl.load(exp_ptr)
     old_o = tl.load(org_ptr)
-    changed = (new_e != old_e) | (new_o != old_o)
-    tl.store(flag_ptr, changed.to(tl.int32))
-    if changed:
+    tl.store(old_grid_ptr, old_e)
+    tl.store(old_grid_ptr + 1, old_o)
+    if (new_e != old_e) | (new_o != old_o):
         # regrid: old bin j -> ((old_o + j) >> k) - new_o; stage the old counts in delta, then scatter
         shift = tl.minimum(tl.maximum(new_e - old_e, 0), 62)
         for j0 in range(0, num_bins, BLOCK_B):
             j = j0 + tl.arange(0, BLOCK_B)
             jm = j < num_bins
-            tl.store(delta_ptr + j, tl.load(counts_ptr + j, mask=jm, other=0), mask=jm)
+            cnt = tl.load(counts_ptr + j, mask=jm, other=0)
+            if HAS_DELTA:
+                cnt += tl.load(delta_ptr + j, mask=jm, other=0)
+            tl.store(delta_ptr + j, cnt, mask=jm)
             tl.store(counts_ptr + j, tl.zeros([BLOCK_B], tl.int64), mask=jm)
         tl.debug_barrier()
         for j0 in range(0, num_bins, BLOCK_B):
@@ -244,7 +174,7 @@ def _finalize_kernel(
             tl.atomic_add(counts_ptr + dest, cnt, mask=jm & (cnt != 0))
         tl.store(exp_ptr, new_e)
         tl.store(org_ptr, new_o)
-    else:
+    elif HAS_DELTA:
         for j0 in range(0, num_bins, BLOCK_B):
             j = j0 + tl.arange(0, BLOCK_B)
             jm = j < num_bins
@@ -268,6 +198,29 @@ def _check_state(running_min, running_max, seen, exponent, origin, counts) -> No
         )
 
 
+def counter_slots(num_bins: int) -> int:
+    """Counters per program for ``num_bins`` bins: the bins, two off-grid slots and the dump slot, rounded
+    up to 16 (aligned rows)."""
+    return 16 * triton.cdiv(num_bins + 3, 16)
+
+
+def counter_backend(strategy: str, x: torch.Tensor, num_bins: int) -> str | None:
+    """The counters a one-read ``strategy`` uses for ``x`` (``_smem``; ``"global"`` for ``"atomic"``), or
+    None when ``num_bins`` bins do not fit in them."""
+    slots = counter_slots(num_bins)
+    if strategy == "atomic":
+        return "global"
+    if strategy == "tl_histogram" or (strategy.startswith("smem") and x.is_cuda):
+        counters = "tl_histogram" if strategy == "tl_histogram" else _smem.COUNTERS_ON_GPU
+    else:  # the smem binnings in the interpreter: the scratch twin of the ptx counters, the same limit
+        counters = "scratch"
+    if counters == "tl_histogram":
+        fits = triton.next_power_of_2(slots) <= _smem.TL_HISTOGRAM_MAX_SLOTS
+    else:
+        fits = slots <= _smem.PTX_MAX_SLOTS
+    return counters if fits else None
+
+
 def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> None:
     """Add the finite values of ``x`` to a canonical-grid histogram, in place (see the reference twin).
 
@@ -276,8 +229,9 @@ def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> No
         state: [in, out] a histogram state (``mono_quant.state.HistogramState``): ``running_min``,
             ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``; ``exponent``, ``origin`` int64 ``()``;
             ``counts`` int64 ``(B,)``.
-        strategy: one of ``HIST_STRATEGIES`` (default ``HIST_STRATEGY``); same result with each.
-            ``"histc"`` runs as ``"atomic"`` under ``torch.use_deterministic_algorithms(True)``.
+        strategy: one of ``HIST_STRATEGIES`` (default ``HIST_STRATEGY``); same result with each. A
+            one-read binning whose counters cannot hold ``B`` bins runs as ``"histc"``, and ``"histc"``
+            as ``"atomic"`` under ``torch.use_deterministic_algorithms(True)``.
 
     Raises:
         TypeError: unsupported dtype. ValueError: bad state buffers or strategy.
@@ -285,47 +239,108 @@ def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> No
     strategy = strategy or HIST_STRATEGY
     if strategy not in HIST_STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {HIST_STRATEGIES}")
-    if strategy == "histc" and torch.are_deterministic_algorithms_enabled():
+    _check_state(*state)
+    num_bins = state.counts.shape[0]
+    counters = None if strategy == "histc" else counter_backend(strategy, x, num_bins)
+    if counters is None and torch.are_deterministic_algorithms_enabled():
         # torch refuses (or warns about) histc on CUDA in deterministic mode, although the integer counts
         # here are exact in any order; the atomic binning gives the same counts without asking
-        strategy = "atomic"
-    running_min, running_max, seen = state.running_min, state.running_max, state.seen
-    exponent, origin, counts = state.exponent, state.origin, state.counts
-    _check_state(running_min, running_max, seen, exponent, origin, counts)
+        counters = "global"
     x = prepare_input(x)
-    n = x.numel()
-    num_bins = counts.shape[0]
+    if counters is None:
+        _histc_update_(x, state)
+    else:
+        _binned_update_(x, state, counters, rows=strategy == "smem_rows")
+
+
+def _finalize(x, state, pmin, pbad, programs, old_grid, delta, has_delta: bool) -> None:
+    num_bins = state.counts.shape[0]
+    big = num_bins > 1 << 16  # up to 2**21 + 2 bins: larger chunks, more threads (one program walks them)
+    _finalize_kernel[(1,)](
+        pmin, pmin[programs:], pbad, programs, state.running_min, state.running_max, state.seen,
+        state.exponent, state.origin, old_grid, state.counts, delta, x.numel(), num_bins,
+        BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=4096 if big else 1024, E_LO=E_MIN,
+        E_HI=E_MAX, HAS_DELTA=has_delta, **launch_options(8 if big else 4),
+    )  # fmt: skip
+
+
+def _histc_update_(x: torch.Tensor, state) -> None:
+    """The ``"histc"`` binning: the range (MinMax's partials), the grid, then ``torch.histc`` on it."""
+    n, dev = x.numel(), x.device
     num_tiles = triton.cdiv(n, BLOCK)
     programs = min(num_tiles, max_programs(x))
-    pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
-    pbad = torch.empty(programs + 1, dtype=torch.int64, device=x.device)
-    flag = pbad[programs:].view(torch.int32)  # 2 int32 words; the first is the flag
-    delta = torch.zeros(num_bins, dtype=torch.int64, device=x.device)
+    pmin = torch.empty(2 * programs, dtype=torch.float32, device=dev)
+    pbad = torch.empty(programs + 1, dtype=torch.int64, device=dev)  # the last word: the old grid's
+    staging = torch.empty(state.counts.shape[0], dtype=torch.int64, device=dev)  # the finalize's
+    grid = (programs,)
+    _minmax_partial_kernel[grid](
+        x, pmin, pmin[programs:], pbad, n, num_tiles, BLOCK=BLOCK, **launch_options(8)
+    )
+    _finalize(x, state, pmin, pbad, programs, staging, staging, has_delta=False)
+    _histc_counts_(x, state.exponent, state.origin, state.counts)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count  # a host query, no sync
+
+
+def _pass_programs(x: torch.Tensor) -> int:
+    """Persistent programs of the one-read binnings for ``x`` (before capping at the tile count)."""
+    if x.device.type != "cuda":
+        return max_programs(x)  # the interpreter: few programs
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * PASS_PROGRAMS_PER_SM
+
+
+def _binned_update_(x: torch.Tensor, state, counters: str, rows: bool) -> None:
+    """The one-read binnings (``_binning``): the pass, the rows' reduction (``rows``), the finalize, the
+    values off the old grid, the rows of the programs that re-read."""
+    n, num_bins, dev = x.numel(), state.counts.shape[0], x.device
+    nbs = counter_slots(num_bins)
+    num_full = n // PASS_BLOCK
+    programs = min(triton.cdiv(n, PASS_BLOCK), max(_pass_programs(x), triton.cdiv(n, PROGRAM_VALUES)))
+    pmin = torch.empty(2 * programs, dtype=torch.float32, device=dev)
+    pbad = torch.empty(programs, dtype=torch.int64, device=dev)
+    side = torch.empty(programs * (SIDE + 1), dtype=torch.int32, device=dev)
+    side_n = side[programs * SIDE :]
+    old_grid = torch.empty(2, dtype=torch.int64, device=dev)
+    delta = torch.zeros(num_bins, dtype=torch.int64, device=dev)
+    scratch = torch.empty(programs * nbs if counters == "scratch" else 1, dtype=torch.int32, device=dev)
+    row_buf = torch.empty(programs * nbs if rows else 1, dtype=torch.int32, device=dev)
     meta = dict(
-        BLOCK=BLOCK,
-        NB=triton.next_power_of_2(num_bins + 1),
-        STRATEGY=strategy,
+        BLOCK=PASS_BLOCK,
+        NBS=nbs,
+        NBP=triton.next_power_of_2(nbs) if counters == "tl_histogram" else 1,
+        SIDE=SIDE,
+        COUNTERS=counters,
+        ROWS=rows,
+        DECL=_smem.ptx_declaration(nbs) if counters == "ptx" else "",
         **launch_options(8),
     )
     grid = (programs,)
-    pmax = pmin[programs:]
-    if strategy == "histc":  # the range first (MinMax's partials); the bins once the grid is final
-        _minmax_partial_kernel[grid](x, pmin, pmax, pbad, n, num_tiles, BLOCK=BLOCK, **launch_options(8))
-    else:
-        _pass_kernel[grid](
-            x, pmin, pmax, pbad, delta, exponent, origin, flag, n, num_tiles, num_bins, FUSED=True, **meta
-        )
-    _finalize_kernel[(1,)](
-        pmin, pmax, pbad, programs, running_min, running_max, seen, exponent, origin, counts, delta, flag,
-        n, num_bins, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=1024, E_LO=E_MIN, E_HI=E_MAX,
-        **launch_options(4),
-    )  # fmt: skip
-    if strategy == "histc":
-        _histc_counts_(x, exponent, origin, counts)
-        return
     _pass_kernel[grid](
-        x, pmin, pmax, pbad, counts, exponent, origin, flag, n, num_tiles, num_bins, FUSED=False, **meta
-    )
+        x, pmin, pmin[programs:], pbad, side, side_n, scratch, row_buf if rows else delta, state.exponent,
+        state.origin, n, num_full, num_bins, **meta,
+    )  # fmt: skip
+    if rows:
+        _reduce_rows(row_buf, side_n, delta, programs, num_bins, nbs, gated=False)
+    _finalize(x, state, pmin, pbad, programs, old_grid, delta, has_delta=True)
+    _offgrid_kernel[grid](
+        x, side, side_n, scratch, row_buf if rows else state.counts, state.exponent, state.origin, old_grid,
+        n, num_full, num_bins, **meta,
+    )  # fmt: skip
+    if rows:
+        _reduce_rows(row_buf, side_n, state.counts, programs, num_bins, nbs, gated=True)
+
+
+def _reduce_rows(rows, side_n, out, programs, num_bins, nbs, gated: bool) -> None:
+    block_c = 256
+    grid = (triton.cdiv(num_bins, block_c), triton.cdiv(programs, ROWS_PER_SPLIT))
+    _rows_reduce_kernel[grid](
+        rows, side_n, out, programs, num_bins, ROWS_PER_SPLIT, NBS=nbs, GATED=gated, BLOCK_R=8,
+        BLOCK_C=block_c, **launch_options(4),
+    )  # fmt: skip
 
 
 def _histc_counts_(
