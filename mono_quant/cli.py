@@ -298,7 +298,7 @@ def _calibrate(args) -> int:
 
 
 def _compare(args) -> int:
-    from mono_quant import compare, io
+    from mono_quant import compare, io, plot
     from mono_quant.calibration import engine
 
     kinds = _observer_kinds(args.observer)
@@ -354,7 +354,7 @@ def _compare(args) -> int:
         io.save_state(observers, args.save_state)
     if args.plot:
         inputs = engine.capture_inputs(model, held_out, device)
-        compare.plot_comparison(cmp, args.plot, inputs)
+        plot.plot_comparison(cmp, args.plot, inputs)
     if not args.quiet:
         for flag, path in (("qparams", args.save), ("observer state", args.save_state), ("plot", args.plot)):
             if path:
