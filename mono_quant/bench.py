@@ -6,6 +6,11 @@ the read ceiling of each tensor (``x.sum()``, measured in the same run): median 
 elements/s and GB/s (bytes of the input read once), and the fraction of the ceiling. It also times the
 histogram observer's ``calculate_qparams`` (the threshold search) against torch.ao's.
 
+Each measurement takes at least ``--rounds`` calls and at least ``--min-time`` seconds of them, and keeps
+the spread of the calls: a row whose median beats the read ceiling by more than ``CEILING_MARGIN``, or
+whose calls spread too widely (``SPREAD_LIMIT``), or whose ceiling did, is flagged in the ``notes``
+column as not credible (another process took the CPU or the GPU meanwhile): rerun it on an idle machine.
+
 The helpers here (timing, test tensors, observer construction, peak memory) are shared with the full
 suite in ``benchmarks/`` of the source tree, which adds more sizes, the per-candidate loop baseline of the
 threshold search, the 200-observer case and JSON output (see ``benchmarks/README.md``).
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mono_quant.args import CLIError, Parser
+from mono_quant.args import CLIError, Parser, observer_choices, observer_kind
 from mono_quant.core.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -33,12 +38,16 @@ from mono_quant.core.observers import (
     ObserverBase,
     PerChannelMinMaxObserver,
 )
+from mono_quant.core.registry import OBSERVERS
 from mono_quant.ops import triton_available
 
 __all__ = [
+    "CEILING_MARGIN",
     "HIDDEN",
     "KINDS",
+    "SPREAD_LIMIT",
     "Row",
+    "Timing",
     "activation",
     "ceiling_seconds",
     "main",
@@ -46,6 +55,7 @@ __all__ = [
     "mono_observer",
     "peak_extra_bytes",
     "synchronize",
+    "time_calls",
     "torch_ao",
     "torch_ao_observer",
     "triton_skip_reason",
@@ -53,7 +63,15 @@ __all__ = [
 
 HIDDEN = 1000  # columns of the [tokens, hidden] test tensors (the channel axis of per-channel observers)
 
-# kind -> (mono_quant class, torch.ao class name, keyword arguments shared by both)
+# A median this much faster than the read ceiling of the same tensor cannot be right (x.sum() reads each byte
+# once, as every observer must): something else ran meanwhile.
+CEILING_MARGIN = 1.2
+# A spread of the calls (interquartile range over the median) above this makes the median a guess.
+SPREAD_LIMIT = 0.5
+
+# The default kinds, one per distinct forward: kind -> (mono_quant class, torch.ao class name, keyword
+# arguments shared by both). ``--kinds`` takes every registry name: kl / mse / percentile time the histogram's
+# forward with that method (the method matters only to calculate_qparams).
 KINDS: dict[str, tuple[type[ObserverBase], str, dict]] = {
     "minmax": (MinMaxObserver, "MinMaxObserver", {}),
     "moving_average": (
@@ -78,39 +96,87 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(
-    fn: Callable[[], object], device: torch.device | str = "cpu", *, rounds: int = 7, warmup: int = 1
-) -> float:
-    """Median wall time of ``fn()`` over ``rounds`` calls after ``warmup`` calls, synchronizing the device.
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of the calls of one measurement: ``median``, ``p25``, ``p75`` (seconds), ``calls``."""
+
+    median: float
+    p25: float
+    p75: float
+    calls: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median (0 for a single call)."""
+        return (self.p75 - self.p25) / self.median if self.median > 0 else 0.0
+
+
+def time_calls(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    *,
+    rounds: int = 7,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    max_calls: int = 100_000,
+) -> Timing:
+    """Time ``fn()`` after ``warmup`` calls, synchronizing the device: at least ``rounds`` calls and at least
+    ``min_seconds`` of them (at most ``max_calls``).
 
     Raises:
-        ValueError: ``rounds < 1``.
+        ValueError: ``rounds < 1`` or ``min_seconds < 0``.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be at least 1")
+    if not min_seconds >= 0:
+        raise ValueError(f"min_seconds={min_seconds} must be >= 0")
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(rounds):
+    times: list[float] = []
+    total = 0.0
+    while len(times) < rounds or (total < min_seconds and len(times) < max_calls):
         start = time.perf_counter()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        total += times[-1]
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], 1)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(statistics.median(times), q1, q3, len(times))
 
 
-def ceiling_seconds(x: torch.Tensor, op: str = "sum", *, rounds: int = 7) -> float:
+def median_seconds(
+    fn: Callable[[], object],
+    device: torch.device | str = "cpu",
+    *,
+    rounds: int = 7,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+) -> float:
+    """Median wall time of ``fn()`` (``time_calls``: at least ``rounds`` calls and ``min_seconds``).
+
+    Raises:
+        ValueError: ``rounds < 1``.
+    """
+    return time_calls(fn, device, rounds=rounds, warmup=warmup, min_seconds=min_seconds).median
+
+
+def ceiling_seconds(x: torch.Tensor, op: str = "sum", *, rounds: int = 7, min_seconds: float = 0.0) -> float:
     """Median time of the plain pass over ``x`` that bounds an observer: ``"sum"`` (one read) or ``"clone"``.
 
     Raises:
         ValueError: unknown ``op``.
     """
-    if op == "sum":
-        return median_seconds(x.sum, x.device, rounds=rounds)
-    if op == "clone":
-        return median_seconds(x.clone, x.device, rounds=rounds)
-    raise ValueError(f"op={op!r} is not 'sum' or 'clone'")
+    return _ceiling(x, op, rounds=rounds, min_seconds=min_seconds).median
+
+
+def _ceiling(x: torch.Tensor, op: str, *, rounds: int, min_seconds: float) -> Timing:
+    if op not in ("sum", "clone"):
+        raise ValueError(f"op={op!r} is not 'sum' or 'clone'")
+    fn = x.sum if op == "sum" else x.clone
+    return time_calls(fn, x.device, rounds=rounds, min_seconds=min_seconds)
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
@@ -191,12 +257,12 @@ def torch_ao():
 
 
 def torch_ao_observer(kind: str, **overrides) -> torch.nn.Module | None:
-    """torch.ao's observer of ``kind`` (one of ``KINDS``), ``None`` where torch.ao is not importable.
+    """torch.ao's observer of ``kind`` (a registry name), ``None`` where torch.ao is not importable.
 
     Raises:
         ValueError: unknown ``kind``.
     """
-    _, ao_name, kwargs = _kind(kind)
+    _, _, ao_name, kwargs = _kind(kind)
     ao = torch_ao()
     if ao is None:
         return None
@@ -205,19 +271,22 @@ def torch_ao_observer(kind: str, **overrides) -> torch.nn.Module | None:
 
 
 def mono_observer(kind: str, backend: str = "torch", **overrides) -> ObserverBase:
-    """mono_quant's observer of ``kind`` (one of ``KINDS``) on ``backend``.
+    """mono_quant's observer of ``kind`` (a registry name, e.g. one of ``KINDS``) on ``backend``.
 
     Raises:
         ValueError: unknown ``kind``.
     """
-    cls, _, kwargs = _kind(kind)
-    return cls(backend=backend, **{**kwargs, **overrides})
+    cls, preset, _, kwargs = _kind(kind)
+    return cls(backend=backend, **{**kwargs, **preset, **overrides})
 
 
-def _kind(kind: str) -> tuple[type[ObserverBase], str, dict]:
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {', '.join(map(repr, KINDS))}")
-    return KINDS[kind]
+def _kind(kind: str) -> tuple[type[ObserverBase], dict, str, dict]:
+    """``(class, the name's preset keywords, torch.ao class name, keywords shared with torch.ao)``."""
+    cls, preset = OBSERVERS[observer_kind(kind)]
+    for mono_cls, ao_name, kwargs in KINDS.values():
+        if mono_cls is cls:
+            return cls, preset, ao_name, kwargs
+    raise ValueError(f"observer {kind!r} has no torch.ao counterpart to time it against")
 
 
 def triton_skip_reason(device: torch.device | str) -> str | None:
@@ -232,7 +301,11 @@ def triton_skip_reason(device: torch.device | str) -> str | None:
 # --- the short run behind `mono-quant bench` ----------------------------------------------------------------
 @dataclass
 class Row:
-    """One line of the table: a case, its median time and what it is compared with."""
+    """One line of the table: a case, its timing and what it is compared with.
+
+    ``spread`` / ``ceiling_spread``: interquartile range over the median of this row's calls and of the
+    ceiling's (``Timing.spread``). ``notes``: what makes the row not credible (``flags``), plus any other.
+    """
 
     case: str
     impl: str
@@ -243,11 +316,28 @@ class Row:
     ceiling_s: float | None = None
     baseline_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    spread: float = 0.0
+    ceiling_spread: float = 0.0
+    calls: int = 0
+
+    def flags(self) -> list[str]:
+        """Why this row's numbers cannot be trusted (empty when they can)."""
+        out = []
+        if self.ceiling_s and self.bytes and self.seconds * CEILING_MARGIN < self.ceiling_s:
+            out.append(
+                f"NOT CREDIBLE: {self.ceiling_s / self.seconds:.0%} of the read ceiling (a pass that reads x "
+                "cannot beat x.sum() by that much)"
+            )
+        if self.spread > SPREAD_LIMIT:
+            out.append(f"NOT CREDIBLE: calls spread {self.spread:.0%} of the median")
+        if self.ceiling_s and self.ceiling_spread > SPREAD_LIMIT:
+            out.append(f"NOT CREDIBLE: the ceiling's calls spread {self.ceiling_spread:.0%} of its median")
+        return out
 
     def cells(self) -> list[str]:
         gbs = f"{self.bytes / self.seconds / 1e9:.2f}" if self.bytes else ""
         eps = f"{self.numel / self.seconds / 1e9:.3f}" if self.bytes else ""
-        frac = f"{self.ceiling_s / self.seconds:.0%}" if self.ceiling_s else ""
+        frac = f"{self.ceiling_s / self.seconds:.0%}" if self.ceiling_s and self.bytes else ""
         speedup = f"{self.baseline_s / self.seconds:.2f}x" if self.baseline_s else ""
         return [
             self.case,
@@ -259,21 +349,46 @@ class Row:
             gbs,
             frac,
             speedup,
+            str(self.calls) if self.calls else "",
+            "; ".join(self.flags() + self.notes),
         ]
 
 
-HEADER = ["case", "impl", "dtype", "elements", "median ms", "Gelem/s", "GB/s", "of ceiling", "vs torch.ao"]
+HEADER = [
+    "case",
+    "impl",
+    "dtype",
+    "elements",
+    "median ms",
+    "Gelem/s",
+    "GB/s",
+    "of ceiling",
+    "vs torch.ao",
+    "calls",
+    "notes",
+]
 
 
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table (``vs torch.ao``: torch.ao's time over this one, >1 is faster)."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    lines += ["| " + " | ".join(row.cells()).rstrip() + " |" for row in rows]
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """How much each measurement takes: at least ``rounds`` calls and ``min_seconds`` of them."""
+
+    rounds: int
+    min_seconds: float
+
+    def time(self, fn: Callable[[], object], device) -> Timing:
+        return time_calls(fn, device, rounds=self.rounds, min_seconds=self.min_seconds)
+
+
 def _forward_cases(
-    kinds: list[str], sizes: list[int], dtypes: list[torch.dtype], device: torch.device, rounds: int
+    kinds: list[str], sizes: list[int], dtypes: list[torch.dtype], device: torch.device, budget: _Budget
 ) -> Iterator[tuple[str, Callable[[], list[Row]]]]:
     triton_reason = triton_skip_reason(device)
     for numel in sizes:
@@ -282,53 +397,65 @@ def _forward_cases(
 
                 def run(kind=kind, numel=numel, dtype=dtype) -> list[Row]:
                     x = activation(numel, dtype, device)
-                    ceiling = ceiling_seconds(x, rounds=rounds)
+                    ceiling = _ceiling(x, "sum", rounds=budget.rounds, min_seconds=budget.min_seconds)
                     name = str(dtype).removeprefix("torch.")
                     impls = [("mono_quant torch", mono_observer(kind, "torch").to(device))]
                     if triton_reason is None:
                         impls.append(("mono_quant triton", mono_observer(kind, "triton").to(device)))
                     ao_obs = torch_ao_observer(kind)
-                    ao_s = None
+                    ao = None
                     if ao_obs is not None:
                         ao_obs = ao_obs.to(device)
-                        ao_s = median_seconds(lambda: ao_obs(x), device, rounds=rounds)
+                        ao = budget.time(lambda: ao_obs(x), device)
+                    common = dict(ceiling_s=ceiling.median, ceiling_spread=ceiling.spread)
                     rows = []
                     for impl, obs in impls:
-                        t = median_seconds(lambda obs=obs: obs(x), device, rounds=rounds)
-                        rows.append(Row(kind, impl, name, x.numel(), t, x.nbytes, ceiling, ao_s))
-                    if ao_s is not None:
-                        rows.append(Row(kind, "torch.ao", name, x.numel(), ao_s, x.nbytes, ceiling))
+                        t = budget.time(lambda obs=obs: obs(x), device)
+                        base = ao.median if ao else None
+                        rows.append(
+                            Row(kind, impl, name, x.numel(), t.median, x.nbytes, baseline_s=base,
+                                spread=t.spread, calls=t.calls, **common)
+                        )  # fmt: skip
+                    if ao is not None:
+                        rows.append(
+                            Row(kind, "torch.ao", name, x.numel(), ao.median, x.nbytes, spread=ao.spread,
+                                calls=ao.calls, **common)
+                        )  # fmt: skip
                     return rows
 
                 yield f"{kind} {numel:.0e} {dtype}", run
 
 
-def _search_cases(device: torch.device, rounds: int) -> Iterator[tuple[str, Callable[[], list[Row]]]]:
+def _search_cases(device: torch.device, budget: _Budget) -> Iterator[tuple[str, Callable[[], list[Row]]]]:
     x = activation(1_000_000, torch.float32, device)
     for bins in (2048, 8192):
 
         def run(bins=bins) -> list[Row]:
             ao_obs = torch_ao_observer("histogram", bins=bins)
-            ao_s = None
+            ao = None
             rows = []
+            case = f"calculate_qparams {bins} bins"
             if ao_obs is not None:
                 ao_obs = ao_obs.to(device)
                 ao_obs(x)
-                ao_s = median_seconds(ao_obs.calculate_qparams, device, rounds=rounds)
+                ao = budget.time(ao_obs.calculate_qparams, device)
             for method in ("kl", "mse", "percentile"):
                 for qscheme in ("symmetric", "affine"):
                     obs = mono_observer("histogram", "torch", bins=bins, method=method, qscheme=qscheme)
                     obs = obs.to(device)
                     obs(x)
-                    t = median_seconds(obs.calculate_qparams, device, rounds=rounds)
-                    case = f"calculate_qparams {bins} bins"
+                    t = budget.time(obs.calculate_qparams, device)
+                    base = ao.median if ao else None
+                    impl = f"mono_quant {method} {qscheme}"
                     rows.append(
-                        Row(case, f"mono_quant {method} {qscheme}", "float32", x.numel(), t, baseline_s=ao_s)
-                    )
-            if ao_s is not None:
+                        Row(case, impl, "float32", x.numel(), t.median, baseline_s=base, spread=t.spread,
+                            calls=t.calls)
+                    )  # fmt: skip
+            if ao is not None:
                 rows.append(
-                    Row(f"calculate_qparams {bins} bins", "torch.ao (affine)", "float32", x.numel(), ao_s)
-                )
+                    Row(case, "torch.ao (affine)", "float32", x.numel(), ao.median, spread=ao.spread,
+                        calls=ao.calls)
+                )  # fmt: skip
             return rows
 
         yield f"calculate_qparams {bins} bins", run
@@ -349,9 +476,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16"
     )
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help=f"comma-separated observer kinds from: {', '.join(KINDS)}"
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma-separated observer names (default: {','.join(KINDS)}); names: {observer_choices()}",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per case; the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="at least this many timed calls per measurement (default 5)"
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="and at least this many seconds of calls per measurement (default 0.2); the median is reported",
+    )
     parser.add_argument("--no-search", action="store_true", help="skip the calculate_qparams timings")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -400,18 +538,23 @@ def main(argv: list[str] | None = None) -> int:
         default_sizes = "1e6,1e8" if device.type == "cuda" else "1e5,1e6,1e7"
         sizes = _parse_list(args.sizes or default_sizes, "--sizes", _size)
         dtypes = _parse_list(args.dtypes, "--dtypes", _dtype)
-        kinds = _parse_list(args.kinds, "--kinds", lambda k: _kind(k) and k)
+        kinds = _parse_list(args.kinds, "--kinds", observer_kind)
+        for kind in kinds:
+            _kind(kind)
         if args.rounds < 1:
             raise ValueError(f"--rounds {args.rounds} must be at least 1")
+        if not 0 <= args.min_time <= 60:
+            raise ValueError(f"--min-time {args.min_time} must be from 0 to 60 seconds")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device} asked for, but CUDA is not available")
     except (ValueError, RuntimeError) as exc:
         print(f"mono-quant bench: {exc}", file=sys.stderr)
         return 2
 
-    cases = list(_forward_cases(kinds, sizes, dtypes, device, args.rounds))
+    budget = _Budget(args.rounds, args.min_time)
+    cases = list(_forward_cases(kinds, sizes, dtypes, device, budget))
     if not args.no_search:
-        cases += list(_search_cases(device, args.rounds))
+        cases += list(_search_cases(device, budget))
     from tqdm.auto import tqdm
 
     show = not args.quiet and sys.stderr.isatty()
@@ -425,10 +568,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += run()
 
     where = f"{device}" if device.type != "cpu" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"mono_quant bench on {where}, torch {torch.__version__}; median of {args.rounds} calls.")
+    print(
+        f"mono_quant bench on {where}, torch {torch.__version__}; median of at least {args.rounds} calls and "
+        f"{args.min_time:g} s per measurement (calls: how many)."
+    )
     print("GB/s: input bytes read once. of ceiling: time of x.sum() on the same tensor / this time.")
-    print("vs torch.ao: torch.ao's median / this median (>1: mono_quant is faster).\n")
+    print("vs torch.ao: torch.ao's median / this median (>1: mono_quant is faster).")
+    print(
+        f"notes: NOT CREDIBLE where a row beats the read ceiling by more than {CEILING_MARGIN - 1:.0%} or "
+        f"its calls (or the ceiling's) spread more than {SPREAD_LIMIT:.0%} of the median: rerun on an idle "
+        "machine.\n"
+    )
     print(markdown_table(rows))
+    doubtful = sum(bool(row.flags()) for row in rows)
+    if doubtful:
+        print(f"\n{doubtful} of {len(rows)} rows are not credible (see notes): the machine was busy.")
     if torch_ao() is None:
         print("\ntorch.ao.quantization is not importable here: no baseline column.")
     reason = triton_skip_reason(device)

@@ -14,21 +14,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import itertools
+import math
 import os
+import re
 import sys
 import time
 
-from mono_quant.args import CLIError, Parser, one_line, positive_int
+from mono_quant.args import (
+    CLIError,
+    Parser,
+    observer_kind,
+    one_line,
+    positive_int,
+    thread_count,
+)
 
-__all__ = ["CLIError", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "CLIError", "main"]
 
 PROG = "mono-quant"
 DTYPE_NAMES = ("int8", "uint8", "int4", "uint4")
 QSCHEMES = ("affine", "symmetric")
 DEFAULT_BATCHES = 16
+# stdout closed early (``mono-quant calibrate | head -5``): exit quietly with the status a Unix tool killed
+# by SIGPIPE reports in a shell (128 + 13), so ``set -o pipefail`` still sees that the output was cut
+EXIT_BROKEN_PIPE = 141
 
 _CALIBRATE_EPILOG = """\
-observers (--observer, comma-separated; default: all):
+observers (--observer, comma-separated; default all: minmax,moving_average,kl,mse,percentile,per_channel):
   minmax          running min / max
   moving_average  moving average of each batch's min / max (averaging_constant 0.01)
   kl              histogram, KL-divergence threshold (TensorRT / ModelOpt entropy calibration)
@@ -36,25 +49,47 @@ observers (--observer, comma-separated; default: all):
   percentile      histogram, 99.99th percentile
   per_channel     per-channel min / max (last axis of Linear inputs, axis 1 of Conv inputs); the table
                   shows the outermost range and the mean scale / zero point (~)
+  histogram       the histogram with its default method, kl
+  moving_average_per_channel
+                  per-channel moving average (averaging_constant 0.01)
+  all names: minmax, moving_average, histogram, kl, mse, percentile, per_channel,
+  moving_average_per_channel (aliases: ema, per_channel_minmax; class names such as HistogramObserver
+  work too): the names of mono_quant.create_observer
 
 output: per layer and observer, the clip range the qparams represent, scale, zero point, the SQNR (dB) of
 the layer's input on a held-out batch fake-quantized with them (higher is better; * marks the best of the
-layer) and the time the observer took (observing + calculate_qparams); then a summary per observer and a
-last line naming the observer that won the most layers.
+layer; n/a where the held-out input of the layer has no finite non-zero value, so no SQNR can be measured:
+such layers count in no mean and no win) and the time the observer took (observing + calculate_qparams);
+then a summary per observer and a last line naming the observer that won the most layers.
 
 data: --data FILE.pt holds a tensor (one batch: model(x)), or a list of batches, each a tensor, a
-list/tuple of tensors (model(*batch)) or a dict (model(**batch)). The last batch is held out for the SQNR
-(with a single batch, the SQNR is measured on it). Without --data, the model's example_inputs(n) method,
-if it has one, supplies n batches; the demo has one.
+list/tuple of tensors (model(*batch)) or a dict of tensors (model(**batch), or model(batch) when forward
+takes one argument the keys do not name, as sentence-transformers models do). It is read with
+torch.load(weights_only=True): save plain tensors, lists, tuples and dicts, e.g. dict(enc) for a
+tokenizer's BatchEncoding. The last batch is held out for the SQNR (with a single batch, the SQNR is
+measured on it). Without --data, the model's example_inputs(n) method, if it has one, supplies the batches
+(at most --batches + 1 are read; a generator may be endless); the demo has one.
 
-files:
-  --save        JSON: {"dtype", "qscheme", "qmin", "qmax", "layers": {layer: {"best": observer, "observers":
-                {observer: {"scale", "zero_point" (numbers, or lists per channel), "ch_axis", "range",
-                "sqnr_db", "observer" (class), "settings" (its constructor keywords), ...}}}}}
+files: each output is checked before calibrating (its folder exists and takes files, the name is allowed,
+an existing file is writable, --plot has a format matplotlib writes) and may not name --data or another
+output. An existing file is replaced only once the new one is complete (written beside it, then renamed),
+so a failed write leaves it as it was; a write that fails after calibrating prints one line, exit code 2.
+  --save        strict JSON (RFC 8259): {"format": "mono_quant.qparams", "version": 2, "dtype", "qscheme",
+                "qmin", "qmax", "layers": {layer: {"best": observer or null, "observers": {observer:
+                {"scale", "zero_point" (numbers, or lists per channel), "ch_axis", "range", "sqnr_db"
+                (null: n/a), "observer" (class), "settings" (its constructor keywords), ...}}}}}; a number
+                that is not finite is the string "inf", "-inf" or "nan"; mono_quant.io.load_qparams(path)
+                reads it back
   --save-state  torch.save of {"format": "mono_quant.observer_state", "version": 1, "observers":
                 {observer: {"class": name, "layers": {layer: {"kwargs": {...}, "state_dict": {...}}}}}};
-                mono_quant.io.load_state(path) rebuilds the observers ({observer: {layer: obs}}) to
-                continue calibrating, or to merge runs with mono_quant.merge_observers
+                mono_quant.io.load_state(path) checks it and rebuilds the observers ({observer: {layer:
+                obs}}) to continue calibrating, or to merge runs with mono_quant.merge_observers; a file
+                it cannot load raises mono_quant.io.StateFileError naming what is wrong and where
+  --plot        the image format follows the extension (png, pdf, svg, ...; png without one)
+
+exit status: 0 done, 2 a mistake in the arguments or an output that cannot be written (one line on
+stderr), 130 interrupted, 141 stdout closed early (mono-quant calibrate | head): the rest is dropped
+quietly, as Unix tools do.
 
 examples:
   mono-quant calibrate                                     # the built-in demo, every observer
@@ -83,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", metavar="MODULE:FACTORY", help="a callable returning an nn.Module (default: demo)"
     )
     cal.add_argument("--data", metavar="FILE.pt", help="calibration batches saved with torch.save")
-    cal.add_argument("--observer", default="all", help="observer names, comma-separated, or 'all' (default)")
+    cal.add_argument(
+        "--observer",
+        default="all",
+        help="observer names, comma-separated, or 'all' (default; the first six of the list below)",
+    )
     cal.add_argument("--dtype", default="int8", choices=DTYPE_NAMES, help="quantized type (default int8)")
     cal.add_argument("--qscheme", default="affine", choices=QSCHEMES, help="default affine")
     cal.add_argument(
@@ -98,16 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         metavar="N",
-        help="CPU threads for torch (default: 1 for the small demo, torch's default otherwise)",
+        help="CPU threads for torch, from 1 to this machine's CPU count (default: 1 for the small demo; "
+        "for a model, torch's count, but no more than the CPUs idle when it starts, at least 1)",
     )
     cal.add_argument("--quiet", action="store_true", help="no progress bar and no notes; the table stays")
     cal.add_argument(
-        "--plot", metavar="OUT.png", help="histograms with each observer's range (needs matplotlib)"
+        "--plot",
+        metavar="OUT.png",
+        help="histograms with each observer's range; png, pdf, svg, ... by extension (needs matplotlib)",
     )
     cal.add_argument(
-        "--save", metavar="QPARAMS.json", help="write every layer's qparams per observer as JSON"
+        "--save", metavar="QPARAMS.json", help="write every layer's qparams per observer as strict JSON"
     )
     cal.add_argument(
         "--save-state", metavar="OBSERVERS.pt", help="write the observers' state_dicts (torch.save)"
@@ -125,20 +167,15 @@ def _err(message: str) -> CLIError:
 
 def _observer_kinds(text: str) -> list[str]:
     from mono_quant.compare import COMPARED
-    from mono_quant.core.registry import observer_name
 
     if text.strip().lower() == "all":
         return list(COMPARED)
     kinds = []
     for name in text.split(","):
         try:
-            key = observer_name(name.strip())
-        except ValueError:
-            allowed = ", ".join(COMPARED)
-            raise _err(
-                f"--observer: unknown observer {name.strip()!r}; choose from {allowed} (or any observer name "
-                "of mono_quant.create_observer), or all"
-            ) from None
+            key = observer_kind(name)
+        except ValueError as e:
+            raise _err(f"--observer: {e}, or all") from None
         if key not in kinds:
             kinds.append(key)
     return kinds
@@ -170,14 +207,53 @@ def _device(text: str):
     raise _err(f"--device {text}: device type {dev.type!r} is not supported; {allowed}")
 
 
-def _check_output(flag: str, path: str | None) -> None:
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise _err(f"{flag} {path}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise _err(f"{flag} {path}: is a folder; give a file name")
+def _outputs(args) -> list[tuple[str, str]]:
+    """``(flag, path)`` of every output file asked for."""
+    wanted = (("--save", args.save), ("--save-state", args.save_state), ("--plot", args.plot))
+    return [(flag, path) for flag, path in wanted if path is not None]
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same real path (symlinks resolved), or the same inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args) -> None:
+    """Every output can be written, none is ``--data`` or another output, and ``--plot`` has a format
+    matplotlib writes: checked before calibrating, without changing any file."""
+    from mono_quant import io, plot
+
+    outputs = _outputs(args)
+    named = ([("--data", args.data)] if args.data is not None else []) + outputs
+    for i, (flag, path) in enumerate(named):
+        if flag == "--data":
+            continue
+        for other_flag, other in named[:i]:
+            if _same_file(path, other):
+                why = (
+                    "it would overwrite the calibration data"
+                    if other_flag == "--data"
+                    else "give each its own file"
+                )
+                raise _err(f"{flag} {path} is the same file as {other_flag} {other}: {why}")
+        try:
+            io.check_writable(path)
+        except OSError as e:
+            raise _err(f"{flag} {path}: {e.strerror}") from None
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise _err("--plot needs matplotlib, which is not installed: pip install 'mono_quant[plot]'")
+        fmt, formats = plot.plot_format(args.plot), plot.plot_formats()
+        if fmt not in formats:
+            raise _err(
+                f"--plot {args.plot}: matplotlib cannot write .{fmt} files; end the name with one of: "
+                f"{', '.join('.' + f for f in formats)}"
+            )
 
 
 def _load_model(spec: str):
@@ -225,7 +301,22 @@ def _valid_batch(b) -> bool:
     return isinstance(b, (list, tuple))
 
 
+def _refused_globals(path: str, error: Exception) -> list[str]:
+    """The classes and functions a ``weights_only`` load refused in ``path`` (read without unpickling)."""
+    import torch
+
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    if find is not None:
+        try:
+            return list(find(path))
+        except Exception:
+            pass
+    return re.findall(r"GLOBAL ([\w.]+)", str(error))
+
+
 def _load_data(path: str) -> list:
+    import pickle
+
     import torch
 
     if not os.path.exists(path):
@@ -235,6 +326,20 @@ def _load_data(path: str) -> list:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        refused = _refused_globals(path, e) if isinstance(e, pickle.UnpicklingError) else []
+        encoding = [g for g in refused if g.rsplit(".", 1)[-1] == "BatchEncoding"]
+        if encoding:
+            raise _err(
+                f"--data {path}: holds a tokenizer's BatchEncoding ({encoding[0]}), which "
+                "torch.load(weights_only=True) does not load (unpickling it could run code); save dict(enc) "
+                "instead: torch.save([dict(enc) for enc in encodings], path)"
+            ) from None
+        if refused:
+            raise _err(
+                f"--data {path}: holds {', '.join(refused)} objects, which torch.load(weights_only=True) "
+                "does not load (unpickling them could run code); save tensors, or lists, tuples or dicts of "
+                "tensors (dict(obj) for a dict-like object)"
+            ) from None
         raise _err(f"--data {path}: torch.load(weights_only=True) cannot read it ({one_line(e)})") from None
     expected = "a tensor, a list of tensors, or a list of dict batches"
     if isinstance(obj, torch.Tensor):
@@ -272,41 +377,122 @@ def _batches(args, model) -> tuple[list, object, str]:
             "a list of dict batches) or give the model an example_inputs(num_batches) method"
         )
     try:
-        data = list(example(n + 1))
+        # at most n + 1 batches are read: example_inputs may return an endless generator
+        data = list(itertools.islice(example(n + 1), n + 1))
     except Exception as e:
         raise _err(f"--model {args.model}: example_inputs({n + 1}) raised {one_line(e)}") from None
     if len(data) < 2:
         raise _err(
             f"--model {args.model}: example_inputs({n + 1}) returned {len(data)} batches, expected {n + 1}"
         )
-    return data[:-1][:n], data[-1], f"{min(n, len(data) - 1)} batches from example_inputs() + 1 held out"
+    return data[:-1], data[-1], f"{len(data) - 1} batches from example_inputs() + 1 held out"
+
+
+def idle_cpus(window: float = 0.1) -> float | None:
+    """How many CPUs stood idle over the next ``window`` seconds (``/proc/stat``; ``None`` where there is
+    none). Unlike the load average, it does not count the run that just ended."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:  # "cpu  user nice system idle iowait irq softirq steal ..."
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def default_threads(args) -> int:
+    """The torch thread count when ``--threads`` is not given.
+
+    The demo: 1 (its tensors are small; more threads only wait for each other). A user model: torch's
+    count, but no more than the CPUs idle right now (``idle_cpus``), at least 1: OpenMP workers that wait
+    for CPUs other processes hold make calibration several times slower than fewer threads would.
+    """
+    import torch
+
+    if args.model is None:
+        return 1
+    threads = torch.get_num_threads()
+    idle = idle_cpus()
+    return threads if idle is None else max(1, min(threads, math.floor(idle + 0.5)))
+
+
+def timing_line(elapsed: float, threads: int, device, args) -> str:
+    """The line that says how long calibrating and scoring took (with the thread count, for a user model
+    on the CPU, where it matters)."""
+    line = f"calibration and scoring took {elapsed:.2f} s"
+    if args.model is None or getattr(device, "type", "cpu") != "cpu":
+        return line
+    if args.threads is not None:
+        return f"{line} with {threads} torch thread{'s' if threads > 1 else ''} (--threads)"
+    return (
+        f"{line} with {threads} torch thread{'s' if threads > 1 else ''} (as many as CPUs were idle, "
+        "at most torch's default; --threads N chooses: on a busy machine fewer can be several times faster)"
+    )
 
 
 def _calibrate(args) -> int:
     import torch
 
-    # Small tensors gain little from intra-op threads, and on a busy machine OpenMP workers that wait for
-    # each other make the demo 3-6x slower (measured on 2 cores: 15-34 s with 2 threads, 4-6 s with 1).
-    threads = args.threads or (1 if args.model is None else None)
+    threads = args.threads or default_threads(args)
     before = torch.get_num_threads()
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        return _compare(args)
+        torch.set_num_threads(threads)
+        return _compare(args, threads)
     finally:
         torch.set_num_threads(before)
 
 
-def _compare(args) -> int:
-    from mono_quant import compare, io
+def _write_outputs(args, cmp, model, held_out, device, name: str) -> tuple[list[str], list[str]]:
+    """Write --save, --save-state and --plot: ``(lines saying what was written, lines saying what failed)``.
+
+    A failed write does not stop the others; an existing file it was to replace stays as it was.
+    """
+    from mono_quant import io, plot
+    from mono_quant.calibration import engine
+
+    def qparams(path):
+        io.save_qparams(cmp, path, model=name)
+
+    def state(path):
+        io.save_state(
+            {layer: {k: s.observer for k, s in row.items()} for layer, row in cmp.scores.items()}, path
+        )
+
+    def figure(path):
+        plot.plot_comparison(cmp, path, engine.capture_inputs(model, held_out, device))
+
+    writers = {
+        "--save": ("qparams", qparams),
+        "--save-state": ("observer state", state),
+        "--plot": ("plot", figure),
+    }
+    wrote, failed = [], []
+    for flag, path in _outputs(args):
+        what, write = writers[flag]
+        try:
+            write(path)
+        except OSError as e:
+            failed.append(f"{flag} {path}: cannot write it ({e.strerror or one_line(e)})")
+        else:
+            wrote.append(f"wrote {what} to {path}")
+    return wrote, failed
+
+
+def _compare(args, threads: int) -> int:
+    from mono_quant import compare
     from mono_quant.calibration import engine
 
     kinds = _observer_kinds(args.observer)
     device = _device(args.device)
-    for flag, path in (("--save", args.save), ("--save-state", args.save_state), ("--plot", args.plot)):
-        _check_output(flag, path)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise _err("--plot needs matplotlib, which is not installed: pip install 'mono_quant[plot]'")
+    _check_outputs(args)
 
     if args.model is None:
         from mono_quant import demo
@@ -335,8 +521,10 @@ def _compare(args) -> int:
             model, calibration, held_out, kinds, dtype, args.qscheme, device, progress=progress
         )
     except RuntimeError as e:  # the model failed on a batch: the data does not fit the model
-        raise _err(f"--model {name}: {str(e).strip().splitlines()[0]}") from None
+        raise _err(f"--model {name}: {one_line(e).removeprefix('RuntimeError: ')}") from None
     elapsed = time.perf_counter() - t0
+    # written before anything is printed: a reader that stops early (| head) cannot lose them
+    wrote, failed = _write_outputs(args, cmp, model, held_out, device, name)
 
     if not args.quiet:
         print(f"{what}: {source}; {args.dtype} {args.qscheme}; {device}")
@@ -346,20 +534,13 @@ def _compare(args) -> int:
     print()
     print(compare.format_summary(cmp))
     if not args.quiet:
-        print(f"calibration and scoring took {elapsed:.2f} s")
-    if args.save:
-        io.save_qparams(cmp, args.save, model=name)
-    if args.save_state:
-        observers = {layer: {k: s.observer for k, s in row.items()} for layer, row in cmp.scores.items()}
-        io.save_state(observers, args.save_state)
-    if args.plot:
-        inputs = engine.capture_inputs(model, held_out, device)
-        compare.plot_comparison(cmp, args.plot, inputs)
-    if not args.quiet:
-        for flag, path in (("qparams", args.save), ("observer state", args.save_state), ("plot", args.plot)):
-            if path:
-                print(f"wrote {flag} to {path}")
+        print(timing_line(elapsed, threads, device, args))
+        for line in wrote:
+            print(line)
     print(compare.winner_line(cmp))
+    if failed:
+        sys.stdout.flush()
+        raise _err("; ".join(failed))
     return 0
 
 
@@ -369,32 +550,54 @@ def _bench(argv: list[str]) -> int:
     return bench.main(argv)
 
 
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help and --version
+        return int(e.code or 0)
+    if args.command is None:
+        raise CLIError(f"{PROG}: error: choose a command: calibrate or bench (try: {PROG} calibrate --help)")
+    return _calibrate(args)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit finds no broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (captured, replaced)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mono-quant``; returns the exit code (0 success, 2 bad arguments).
+    """Run ``mono-quant``; returns the exit code.
+
+    0 success; 2 bad arguments or an output that cannot be written (one line on stderr); 130 interrupted;
+    ``EXIT_BROKEN_PIPE`` (141) when stdout was closed early (``mono-quant calibrate | head``): the rest of
+    the output is dropped without a message, as Unix tools do.
 
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "bench":
-            return _bench(argv[1:])
-        parser = build_parser()
         try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help and --version
-            return int(e.code or 0)
-        if args.command is None:
-            raise CLIError(
-                f"{PROG}: error: choose a command: calibrate or bench (try: {PROG} calibrate --help)"
-            )
-        return _calibrate(args)
-    except CLIError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+            code = _run(argv)
+        except CLIError as e:
+            print(str(e), file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            code = 130
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Compare observers layer by layer (``mono-quant calibrate``): calibrate, score, print, plot.
+"""Compare observers layer by layer (``mono-quant calibrate``): calibrate, score, print the tables.
 
 One calibration pass feeds every observer kind at once (a forward pre-hook per layer calls each observer in
 turn and times it), so the model runs once per batch whatever the number of observers. Each observer's
@@ -7,6 +7,10 @@ qparams are then scored by the SQNR of that layer's input on a held-out batch, f
 The kinds compared by default (``COMPARED``) are registry names (``mono_quant.core.registry``):
 ``minmax``, ``moving_average`` (averaging_constant 0.01), ``kl``, ``mse``, ``percentile`` (99.99; each a
 2048-bin histogram) and ``per_channel`` (ch_axis -1 for Linear inputs, 1 for Conv inputs).
+
+A layer whose held-out input has no finite value, or only zeros, has no SQNR to measure (``0 / 0``): its
+scores carry ``sqnr_db=None``, the table shows ``n/a``, and it counts in no mean, no win and no winner.
+The plot of a comparison is ``mono_quant.plot``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ from mono_quant.calibration.engine import (
     target_modules,
 )
 from mono_quant.core.base import ObserverBase
-from mono_quant.core.observers import HistogramObserver
-from mono_quant.core.qparams import dtype_name, quantization_sqnr
+from mono_quant.core.qparams import quantization_sqnr
 from mono_quant.core.registry import create_observer
 
 __all__ = [
@@ -39,11 +42,12 @@ __all__ = [
     "calibrate_observers",
     "capture_inputs",
     "compare_observers",
+    "format_db",
     "format_summary",
     "format_table",
     "make_observer",
-    "plot_comparison",
     "score_observers",
+    "unmeasurable",
     "winner_line",
 ]
 
@@ -138,8 +142,8 @@ class Score:
 
     ``scale`` / ``zero_point``: 0-d, or ``(C,)`` per channel along ``ch_axis``. ``lo``, ``hi``: the clipping
     range the qparams represent, ``(qmin - zp) * scale`` and ``(qmax - zp) * scale`` (per channel: the
-    outermost). ``sqnr_db``: SQNR of the held-out input fake-quantized with them. ``seconds``: observing
-    plus ``calculate_qparams``.
+    outermost). ``sqnr_db``: SQNR of the held-out input fake-quantized with them; ``None`` where it cannot
+    be measured (``unmeasurable``). ``seconds``: observing plus ``calculate_qparams``.
     """
 
     layer: str
@@ -149,7 +153,7 @@ class Score:
     zero_point: torch.Tensor
     lo: float
     hi: float
-    sqnr_db: float
+    sqnr_db: float | None
     seconds: float
 
     @property
@@ -159,20 +163,48 @@ class Score:
 
 @dataclass
 class Comparison:
-    """Every ``Score``, grouped ``{layer: {kind: Score}}``, with how it was run."""
+    """Every ``Score``, grouped ``{layer: {kind: Score}}``, with how it was run.
+
+    ``unmeasured``: ``{layer: why}`` for the layers whose SQNR could not be measured (``sqnr_db`` None).
+    """
 
     scores: dict[str, dict[str, Score]] = field(default_factory=dict)
     dtype: torch.dtype = torch.int8
     qscheme: str = "affine"
     batches: int = 0
     description: str = ""
+    unmeasured: dict[str, str] = field(default_factory=dict)
 
-    def best(self, layer: str, per_tensor_only: bool = False) -> str:
+    def measured(self) -> list[str]:
+        """The layers with an SQNR for every observer, in model order."""
+        return [
+            layer for layer, row in self.scores.items() if all(s.sqnr_db is not None for s in row.values())
+        ]
+
+    def best(self, layer: str, per_tensor_only: bool = False) -> str | None:
         """The kind with the highest SQNR on ``layer`` (the first listed, on ties); optionally among the
-        per-tensor observers only."""
+        per-tensor observers only. ``None`` where the SQNR could not be measured."""
         row = self.scores[layer]
-        kinds = [k for k in row if not (per_tensor_only and row[k].scale.dim() > 0)]
-        return max(kinds, key=lambda k: row[k].sqnr_db)
+        kinds = [
+            k for k, s in row.items() if s.sqnr_db is not None and not (per_tensor_only and s.scale.dim() > 0)
+        ]
+        return max(kinds, key=lambda k: row[k].sqnr_db) if kinds else None
+
+
+def unmeasurable(x: torch.Tensor | None) -> str | None:
+    """Why no SQNR can be measured on a layer's held-out input ``x`` (``None``: it can).
+
+    The SQNR is signal power over noise power on the finite values; without a finite value, or with only
+    zeros (which every observer represents exactly), it is ``0 / 0`` and would read as ``inf`` for all.
+    """
+    if x is None:
+        return "the held-out batch did not reach this layer"
+    finite = torch.isfinite(x)
+    if not bool(finite.any()):
+        return "its held-out input has no finite value"
+    if not bool((x[finite] != 0).any()):
+        return "its held-out input is all zeros"
+    return None
 
 
 def score_observers(
@@ -180,7 +212,8 @@ def score_observers(
     seconds: dict[str, dict[str, float]],
     held_out: dict[str, torch.Tensor],
 ) -> dict[str, dict[str, Score]]:
-    """Qparams of every observer, and the SQNR of its layer's held-out input fake-quantized with them.
+    """Qparams of every observer, and the SQNR of its layer's held-out input fake-quantized with them
+    (``None`` where ``unmeasurable``).
 
     Layers whose observers saw no finite value, or with no held-out input, are left out.
     """
@@ -189,6 +222,7 @@ def score_observers(
         x = held_out.get(layer)
         if x is None or any(int(obs.seen[0]) == 0 for obs in row.values()):
             continue
+        measurable = unmeasurable(x) is None
         scores[layer] = {}
         for kind, obs in row.items():
             t0 = time.perf_counter()
@@ -197,7 +231,9 @@ def score_observers(
             qmin, qmax = obs.spec.qmin, obs.spec.qmax
             lo = float(((qmin - zp.to(torch.float64)) * scale).min())
             hi = float(((qmax - zp.to(torch.float64)) * scale).max())
-            db = float(quantization_sqnr(x, scale, zp, qmin, qmax, obs.ch_axis))
+            db = float(quantization_sqnr(x, scale, zp, qmin, qmax, obs.ch_axis)) if measurable else None
+            if db is not None and math.isnan(db):
+                db = None
             scores[layer][kind] = Score(layer, kind, obs, scale.cpu(), zp.cpu(), lo, hi, db, elapsed)
     return scores
 
@@ -232,75 +268,124 @@ def compare_observers(
     observers, seconds = calibrate_observers(model, calibration, kinds, dtype, qscheme, device, progress)
     inputs = capture_inputs(model, held_out, device)
     scores = score_observers(observers, seconds, inputs)
-    return Comparison(scores, dtype, qscheme, len(calibration), description)
+    unmeasured = {layer: unmeasurable(inputs.get(layer)) for layer in scores}
+    unmeasured = {layer: why for layer, why in unmeasured.items() if why is not None}
+    return Comparison(scores, dtype, qscheme, len(calibration), description, unmeasured)
 
 
 # --- output ----------------------------------------------------------------------------------------------
 
 
-def _fmt(v: float, width: int = 9) -> str:
+def format_db(v: float | None, width: int = 9) -> str:
+    if v is None:
+        return f"{'n/a':>{width}}"
     if math.isinf(v):
         return f"{'inf' if v > 0 else '-inf':>{width}}"
     return f"{v:>{width}.4g}"
 
 
-def format_table(cmp: Comparison) -> str:
-    """The per-layer table: observer, clip range, scale, zero point, SQNR (dB), time (ms); ``*`` = best.
+# (title, minimum width, alignment): the minimums keep short tables as they always looked
+_COLUMNS = (
+    ("layer", 22, "<"),
+    ("observer", 15, "<"),
+    ("clip range", 21, ">"),
+    ("scale", 10, ">"),
+    ("zero_pt", 8, ">"),
+    ("SQNR dB", 8, ">"),
+    ("time ms", 8, ">"),
+)
 
-    Per-channel rows show the outermost range and the mean scale / zero point (``~``).
-    """
-    header = (
-        f"{'layer':<22} {'observer':<15} {'clip range':>21} {'scale':>10} {'zero_pt':>8} "
-        f"{'SQNR dB':>8}  {'time ms':>8}"
-    )
-    lines = [header, "-" * len(header)]
+
+def _table_cells(cmp: Comparison) -> list[tuple[list[str], str]]:
+    """Per table row: the cells (without the best mark) and the mark (``"*"`` or ``" "``)."""
+    rows = []
     for layer, row in cmp.scores.items():
         best = cmp.best(layer)
         for i, (kind, s) in enumerate(row.items()):
             per_ch = s.scale.dim() > 0
             scale = f"~{float(s.scale.mean()):.4g}" if per_ch else f"{float(s.scale):.4g}"
             zp = f"~{float(s.zero_point.float().mean()):.1f}" if per_ch else f"{int(s.zero_point)}"
-            rng = f"[{s.lo:.4g}, {s.hi:.4g}]"
-            mark = "*" if kind == best else " "
-            name = layer if i == 0 else ""
-            lines.append(
-                f"{name:<22} {kind:<15} {rng:>21} {scale:>10} {zp:>8} {_fmt(s.sqnr_db, 8)}{mark} "
-                f"{s.seconds * 1e3:>8.2f}"
-            )
+            cells = [
+                layer if i == 0 else "",
+                kind,
+                f"[{s.lo:.4g}, {s.hi:.4g}]",
+                scale,
+                zp,
+                format_db(s.sqnr_db, 0),
+                f"{s.seconds * 1e3:.2f}",
+            ]
+            rows.append((cells, "*" if kind == best else " "))
+    return rows
+
+
+def format_table(cmp: Comparison) -> str:
+    """The per-layer table: observer, clip range, scale, zero point, SQNR (dB), time (ms); ``*`` = best.
+
+    Per-channel rows show the outermost range and the mean scale / zero point (``~``); ``n/a`` marks an
+    SQNR that could not be measured, and a note under the table says why. Columns are as wide as their
+    longest cell (long layer names included).
+    """
+    rows = _table_cells(cmp)
+    widths = [
+        max([minimum, len(title)] + [len(c[i]) for c, _ in rows])
+        for i, (title, minimum, _) in enumerate(_COLUMNS)
+    ]
+
+    def line(cells: list[str], mark: str) -> str:
+        out = [f"{c:{align}{w}}" for c, w, (_, _, align) in zip(cells, widths, _COLUMNS, strict=True)]
+        # the best mark sits right after the SQNR, before the time column
+        return " ".join(out[:5]) + f" {out[5]}{mark} {out[6]}"
+
+    header = line([title for title, _, _ in _COLUMNS], " ")
+    lines = [header, "-" * len(header)] + [line(cells, mark) for cells, mark in rows]
+    for layer, why in cmp.unmeasured.items():
+        lines.append(
+            f"n/a: {layer or '(model)'}: {why}, so no SQNR is measured there; it counts in no mean or win"
+        )
     return "\n".join(lines)
 
 
 def format_summary(cmp: Comparison) -> str:
-    """Per observer: mean SQNR over the layers, layers won, total time."""
+    """Per observer: mean SQNR over the layers where it was measured, layers won, total time."""
     kinds = list(next(iter(cmp.scores.values()))) if cmp.scores else []
+    measured = cmp.measured()
     wins = {k: 0 for k in kinds}
-    for layer in cmp.scores:
+    for layer in measured:
         wins[cmp.best(layer)] += 1
-    lines = [f"{'observer':<15} {'mean SQNR dB':>12} {'layers won':>10} {'total ms':>9}"]
+    width = max([15, *map(len, kinds)])
+    lines = [f"{'observer':<{width}} {'mean SQNR dB':>12} {'layers won':>10} {'total ms':>9}"]
     for k in kinds:
-        dbs = [row[k].sqnr_db for row in cmp.scores.values()]
+        dbs = [cmp.scores[layer][k].sqnr_db for layer in measured]
         total = sum(row[k].seconds for row in cmp.scores.values())
-        lines.append(f"{k:<15} {_fmt(sum(dbs) / len(dbs), 12)} {wins[k]:>10} {total * 1e3:>9.1f}")
+        mean = sum(dbs) / len(dbs) if dbs else None
+        lines.append(f"{k:<{width}} {format_db(mean, 12)} {wins[k]:>10} {total * 1e3:>9.1f}")
     return "\n".join(lines)
 
 
 def _wins(cmp: Comparison, per_tensor_only: bool = False) -> list[tuple[str, int]]:
     wins: dict[str, int] = {}
-    for layer in cmp.scores:
+    for layer in cmp.measured():
         best = cmp.best(layer, per_tensor_only)
-        wins[best] = wins.get(best, 0) + 1
+        if best is not None:
+            wins[best] = wins.get(best, 0) + 1
     return sorted(wins.items(), key=lambda kv: -kv[1])
 
 
 def winner_line(cmp: Comparison) -> str:
     """One line: which observer had the best SQNR on the most layers, and the runners-up.
 
-    When a per-channel observer wins, the per-tensor ranking follows (``;``): per-channel activation
-    quantization is not what most int8 matmul kernels can run, so that is often the real choice.
+    Only layers with a measured SQNR count. When a per-channel observer wins, the per-tensor ranking
+    follows (``;``): per-channel activation quantization is not what most int8 matmul kernels can run, so
+    that is often the real choice.
     """
     if not cmp.scores:
         return "no layer saw finite data: nothing to compare"
-    n = len(cmp.scores)
+    measured = cmp.measured()
+    if not measured:
+        return "no layer had a measurable SQNR on the held-out batch (see n/a above): no winner"
+    n = len(measured)
+    skipped = len(cmp.scores) - n
+    note = f"; {skipped} layer{'s' if skipped > 1 else ''} n/a" if skipped else ""
 
     def ranking(wins: list[tuple[str, int]]) -> str:
         (top, count), rest = wins[0], wins[1:]
@@ -312,84 +397,4 @@ def winner_line(cmp: Comparison) -> str:
     per_channel = [k for k, s in row.items() if s.scale.dim() > 0]
     if per_channel and len(per_channel) < len(row) and _wins(cmp)[0][0] in per_channel:
         line += f"; among per-tensor observers: {ranking(_wins(cmp, per_tensor_only=True))}"
-    return line
-
-
-# --- plot ------------------------------------------------------------------------------------------------
-
-_COLORS = ("tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown")
-
-
-def _histogram(
-    row: dict[str, Score], held_out: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """``(counts, edges, source)``: a histogram observer's exact calibration histogram when one ran, else a
-    256-bin histogram of the held-out input."""
-    for s in row.values():
-        obs = s.observer
-        if isinstance(obs, HistogramObserver) and obs.histogram_counts is not None:
-            counts, edges = obs.histogram_counts.cpu(), obs.bin_edges.cpu()
-            nz = torch.nonzero(counts).flatten()
-            first, last = int(nz[0]), int(nz[-1]) + 1
-            # merge neighbours down to at most 512 bars so the plot stays readable
-            k = max(1, math.ceil((last - first) / 512))
-            counts = counts[first:last]
-            pad = (-counts.shape[0]) % k
-            counts = torch.cat([counts, counts.new_zeros(pad)]).view(-1, k).sum(1)
-            edges = edges[first : last + pad + 1 : k]
-            return counts, edges, "calibration data"
-    x = held_out.detach().float().flatten().cpu()
-    x = x[torch.isfinite(x)]
-    lo, hi = float(x.min()), float(x.max())
-    if lo == hi:
-        hi = lo + 1.0
-    counts = torch.histc(x, bins=256, min=lo, max=hi)
-    return counts, torch.linspace(lo, hi, 257), "held-out batch"
-
-
-def plot_comparison(cmp: Comparison, path: str, held_out: dict[str, torch.Tensor] | None = None) -> None:
-    """Per layer: the activation histogram (log counts) with each observer's clipping range drawn on it.
-
-    Imports matplotlib (Agg backend) only here.
-
-    Raises:
-        NotImplementedError: matplotlib is not installed (``pip install 'mono_quant[plot]'``).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise NotImplementedError(
-            "--plot needs matplotlib, which is not installed: pip install 'mono_quant[plot]'"
-        ) from None
-    layers = list(cmp.scores)
-    cols = min(3, max(1, len(layers)))
-    rows = max(1, math.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(layers) :]:
-        ax.axis("off")
-    for ax, layer in zip(axes.flat, layers, strict=False):
-        row = cmp.scores[layer]
-        counts, edges, source = _histogram(row, (held_out or {}).get(layer))
-        ax.stairs(counts.clamp(min=0.5).numpy(), edges.numpy(), fill=True, color="0.6", baseline=0.5)
-        ax.set_yscale("log")
-        for i, (kind, s) in enumerate(row.items()):
-            color = _COLORS[i % len(_COLORS)]
-            style = ":" if s.scale.dim() > 0 else "--"
-            ax.axvline(
-                s.lo, color=color, linestyle=style, linewidth=1.2, label=f"{kind} ({s.sqnr_db:.1f} dB)"
-            )
-            ax.axvline(s.hi, color=color, linestyle=style, linewidth=1.2)
-        ax.set_title(f"{layer or '(model)'}  [{source}]", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="upper right")
-    fig.suptitle(
-        f"input activations and clipping ranges, {dtype_name(cmp.dtype)} {cmp.qscheme} "
-        "(dotted: per-channel outermost)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return line + note

@@ -1,7 +1,8 @@
 """The old home of the observer comparison and of saving and loading, kept for now.
 
-New code imports ``mono_quant.compare`` (calibrate, score, tables, plots), ``mono_quant.io`` (save and
-load qparams and state) and ``mono_quant.calibration`` (layers, hooks, batches).
+New code imports ``mono_quant.compare`` (calibrate, score, tables), ``mono_quant.plot`` (the plot),
+``mono_quant.io`` (save and load qparams and state) and ``mono_quant.calibration`` (layers, hooks,
+batches).
 """
 
 from mono_quant.calibration.engine import capture_inputs
@@ -16,11 +17,11 @@ from mono_quant.compare import (
     format_summary,
     format_table,
     make_observer,
-    plot_comparison,
     score_observers,
     winner_line,
 )
-from mono_quant.io import load_qparams, load_state, observer_kwargs, save_qparams, save_state
+from mono_quant.io import StateFileError, load_qparams, load_state, observer_kwargs, save_qparams, save_state
+from mono_quant.plot import plot_comparison
 
 OBSERVER_KINDS = COMPARED
 
@@ -29,6 +30,7 @@ __all__ = [
     "OBSERVER_KINDS",
     "Comparison",
     "Score",
+    "StateFileError",
     "calibrate_observers",
     "capture_inputs",
     "compare_observers",

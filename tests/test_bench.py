@@ -27,7 +27,19 @@ def _load(name: str):
 
 
 def test_main_prints_a_table_with_torch_ao_beside(capsys):
-    status = bench.main(["--sizes", "2e3", "--dtypes", "float32", "--rounds", "1", "--no-search", "--quiet"])
+    args = [
+        "--sizes",
+        "2e3",
+        "--dtypes",
+        "float32",
+        "--rounds",
+        "1",
+        "--min-time",
+        "0",
+        "--no-search",
+        "--quiet",
+    ]
+    status = bench.main(args)
     out = capsys.readouterr().out
     assert status == 0
     table = [line for line in out.splitlines() if line.startswith("| ")]
@@ -41,7 +53,19 @@ def test_main_prints_a_table_with_torch_ao_beside(capsys):
 
 def test_main_search_rows(capsys):
     status = bench.main(
-        ["--sizes", "1e3", "--kinds", "minmax", "--dtypes", "bfloat16", "--rounds", "1", "--quiet"]
+        [
+            "--sizes",
+            "1e3",
+            "--kinds",
+            "minmax",
+            "--dtypes",
+            "bfloat16",
+            "--rounds",
+            "1",
+            "--min-time",
+            "0",
+            "--quiet",
+        ]
     )
     out = capsys.readouterr().out
     assert status == 0
@@ -51,7 +75,16 @@ def test_main_search_rows(capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--sizes", "lots"], ["--sizes", "0"], ["--kinds", "nope"], ["--dtypes", "int8"], ["--rounds", "0"]],
+    [
+        ["--sizes", "lots"],
+        ["--sizes", "0"],
+        ["--kinds", "nope"],
+        ["--kinds", "auto"],
+        ["--dtypes", "int8"],
+        ["--rounds", "0"],
+        ["--min-time", "-1"],
+        ["--min-time", "nan"],
+    ],
 )
 def test_main_rejects_bad_arguments(argv, capsys):
     assert bench.main([*argv, "--quiet"]) == 2
@@ -71,6 +104,46 @@ def test_peak_extra_bytes_sees_a_temporary_on_cpu():
     peak = bench.peak_extra_bytes(lambda: (x * 2).sum(), "cpu")
     assert peak >= x.nbytes
     assert bench.peak_extra_bytes(x.sum, "cpu") < x.nbytes
+
+
+def test_registry_names_are_timed_on_their_forward(capsys):
+    args = ["--sizes", "1e3", "--kinds", "kl,ema,HistogramObserver", "--dtypes", "float32", "--rounds", "1"]
+    assert bench.main([*args, "--min-time", "0", "--no-search", "--quiet"]) == 0
+    body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    cases = {line.split(" | ")[0].strip("| ") for line in body}
+    assert cases == {"kl", "moving_average", "histogram"}
+    assert bench.mono_observer("kl").method == "kl" and bench.mono_observer("mse").method == "mse"
+
+
+def _fake_clock(monkeypatch, step):
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    return lambda: clock.__setitem__(0, clock[0] + step)
+
+
+def test_time_calls_takes_rounds_and_a_time_budget(monkeypatch):
+    call = _fake_clock(monkeypatch, 0.25)  # every call takes 0.25 s of the fake clock
+    t = bench.time_calls(call, rounds=2, min_seconds=1.0, warmup=0)
+    assert t.calls == 4 and t.median == 0.25 and t.spread == 0.0  # the budget, not the rounds, decided
+    assert bench.time_calls(call, rounds=6, min_seconds=1.0, warmup=0).calls == 6
+    assert bench.time_calls(call, rounds=1, min_seconds=100.0, warmup=0, max_calls=7).calls == 7
+
+
+def test_rows_that_are_not_credible_are_flagged():
+    def row(seconds, **kw):
+        return bench.Row("minmax", "mono_quant torch", "float32", 1000, seconds, 4000, ceiling_s=1e-4, **kw)
+
+    assert row(1e-4).flags() == [] and row(0.9e-4).flags() == []  # at or near the ceiling: fine
+    fast = row(1e-6).flags()
+    assert len(fast) == 1 and fast[0].startswith("NOT CREDIBLE: 10000% of the read ceiling")
+    assert row(1e-4, spread=0.8).flags() == ["NOT CREDIBLE: calls spread 80% of the median"]
+    assert row(1e-4, ceiling_spread=2.0).flags() == [
+        "NOT CREDIBLE: the ceiling's calls spread 200% of its median"
+    ]
+    cells = row(1e-6, calls=9).cells()
+    assert len(cells) == len(bench.HEADER) and cells[-2] == "9" and cells[-1].startswith("NOT CREDIBLE")
+    search = bench.Row("calculate_qparams 2048 bins", "mono_quant kl", "float32", 1000, 1e-9)
+    assert search.flags() == []  # no ceiling: nothing to compare with
 
 
 def test_median_seconds_rejects_no_rounds():

@@ -18,6 +18,13 @@ import torch
 
 import mono_quant
 from mono_quant import cli, demo, report
+from mono_quant import compare as cli_compare
+from mono_quant.args import observer_kind
+
+
+def compare_make(name):
+    return cli_compare.make_observer(name, torch.int8, "affine", torch.nn.Linear(1, 1))
+
 
 TESTS = Path(__file__).parent
 
@@ -317,3 +324,267 @@ def test_bench_bad_arguments_are_one_line(capsys, args, message):
 def test_bench_help_returns_zero(capsys):
     code, out, _ = _main(capsys, "bench", "--help")
     assert code == 0 and "--sizes" in out
+
+
+# --- outputs: checked before calibrating, written so that a failure destroys nothing (issue 12, 9 and 11) --
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fail the test if the command gets as far as calibrating."""
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("the command calibrated before finding that an output cannot be written")
+
+    monkeypatch.setattr(cli_compare, "compare_observers", calibrated)
+
+
+MINI = (
+    "calibrate",
+    "--model",
+    "cli_models:WithExamples",
+    "--batches",
+    "1",
+    "--observer",
+    "minmax",
+    "--quiet",
+)
+
+UNWRITABLE = [
+    ("--save", "/sys/q.json", "cannot create a file there"),
+    ("--save-state", "/sys/s.pt", "cannot create a file there"),
+    ("--plot", "/sys/p.png", "cannot create a file there"),
+    ("--save", "/proc/q.json", "cannot create a file there"),
+    ("--save", "{tmp}/" + "a" * 300 + ".json", "cannot create a file there (File name too long)"),
+    ("--save", "{tmp}", "is a folder; give a file name"),
+    ("--plot", "{tmp}/p.xyz", "matplotlib cannot write .xyz files; end the name with one of: "),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "path", "message"), UNWRITABLE, ids=[f"{f} {p[:20]}" for f, p, _ in UNWRITABLE]
+)
+def test_an_output_that_cannot_be_written_stops_before_calibrating(
+    flag, path, message, tmp_path, capsys, models_on_path, no_calibration
+):
+    path = path.replace("{tmp}", str(tmp_path))
+    if path.startswith(("/sys", "/proc")) and not os.path.isdir(os.path.dirname(path)):
+        pytest.skip(f"no {os.path.dirname(path)} here")
+    code, out, err = _main(capsys, *MINI, flag, path)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"mono-quant calibrate: error: {flag} {path}") and message in err
+    assert sorted(os.listdir(tmp_path)) == []  # the checks left nothing behind
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("flag", ["--save", "--save-state"])
+def test_a_write_that_fails_late_is_one_line_and_exit_2(flag, tmp_path, capsys, models_on_path):
+    other = "--save-state" if flag == "--save" else "--save"
+    code, out, err = _main(capsys, *MINI, flag, "/dev/full", other, str(tmp_path / "other"))
+    assert code == 2
+    assert (
+        err == f"mono-quant calibrate: error: {flag} /dev/full: cannot write it (No space left on device)\n"
+    )
+    assert out.strip().splitlines()[-1].startswith("winner: ")  # the result is still shown
+    assert (tmp_path / "other").stat().st_size > 0  # and the other output written
+
+
+def test_an_existing_output_survives_a_failed_run(tmp_path, capsys, models_on_path):
+    _bad_data(tmp_path)
+    keep = tmp_path / "q.json"
+    keep.write_text("keep me")
+    code, _, err = _main(
+        capsys, "calibrate", "--model", "cli_models:mlp", "--data", str(tmp_path / "wrong_width.pt"),
+        "--save", str(keep), "--save-state", str(tmp_path / "s.pt"),
+    )  # fmt: skip
+    assert code == 2 and "failed on batch 0" in err
+    assert keep.read_text() == "keep me" and not (tmp_path / "s.pt").exists()
+
+
+def _same_file_cases(tmp_path):
+    data = tmp_path / "data.pt"
+    torch.save([torch.randn(4, 8), torch.randn(4, 8)], data)
+    (tmp_path / "link.pt").symlink_to(data)
+    os.link(data, tmp_path / "hard.pt")
+    return data
+
+
+SAME_FILE = [
+    (["--save", "{tmp}/data.pt"], "--save {tmp}/data.pt is the same file as --data"),
+    (["--save-state", "{tmp}/link.pt"], "--save-state {tmp}/link.pt is the same file as --data"),
+    (["--plot", "{tmp}/hard.pt"], "--plot {tmp}/hard.pt is the same file as --data"),
+    (["--save", "{tmp}/q.json", "--save-state", "{tmp}/./q.json"], "is the same file as --save {tmp}/q.json"),
+    (["--save", "{tmp}/q.json", "--plot", "{tmp}/q.json"], "--plot {tmp}/q.json is the same file as --save"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), SAME_FILE)
+def test_outputs_may_not_name_the_data_or_each_other(
+    args, message, tmp_path, capsys, models_on_path, no_calibration
+):
+    data = _same_file_cases(tmp_path)
+    before = data.read_bytes()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = _main(capsys, "calibrate", "--model", "cli_models:mlp", "--data", str(data), *args)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert data.read_bytes() == before
+
+
+def test_saved_qparams_are_strict_json(tmp_path, capsys, models_on_path):
+    # held out exactly on the grid: SQNR inf, which JSON cannot hold as a number
+    torch.save(
+        [torch.tensor([[0.0, 0.5, 1.0, 2.55]]), torch.tensor([[0.0, 0.01, 1.0, 2.55]])], tmp_path / "d.pt"
+    )
+    code, _, err = _main(
+        capsys, "calibrate", "--model", "cli_models:linear", "--data", str(tmp_path / "d.pt"), "--quiet",
+        "--observer", "minmax", "--dtype", "uint8", "--save", str(tmp_path / "q.json"),
+    )  # fmt: skip
+    assert code == 0, err
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    doc = json.loads((tmp_path / "q.json").read_text(), parse_constant=no_constants)
+    assert doc["layers"][""]["observers"]["minmax"]["sqnr_db"] == "inf"
+    assert set(report.load_qparams(str(tmp_path / "q.json"))) == {""}
+
+
+# --- threads, pipes, endless generators ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["100000", "99999999999999999999", "0", "-1", "two", str(os.cpu_count() + 1)]
+)
+def test_threads_is_bounded_by_the_cpu_count(value, capsys, no_calibration):
+    code, out, err = _main(capsys, "calibrate", "--threads", value)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert (
+        f"argument --threads: expected an integer from 1 to {os.cpu_count()} (the CPUs of this machine)"
+        in err
+    )
+
+
+def test_the_default_threads_leave_busy_cpus_alone(monkeypatch):
+    args = types.SimpleNamespace(model="m:f", threads=None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for idle, want in ((None, 8), (8.0, 8), (5.4, 5), (0.2, 1), (20.0, 8)):
+        monkeypatch.setattr(cli, "idle_cpus", lambda idle=idle: idle)
+        assert cli.default_threads(args) == want, idle
+    assert cli.default_threads(types.SimpleNamespace(model=None, threads=None)) == 1  # the demo
+    idle = cli.idle_cpus(0.01)
+    assert idle is None or 0 <= idle <= os.cpu_count()
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mono_quant.cli", *MINI[:-1]],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(TESTS)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # as `| head` does once it has read enough
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == cli.EXIT_BROKEN_PIPE == 141
+    assert err == ""  # no traceback, no "Exception ignored"
+
+
+def test_an_endless_example_inputs_is_read_only_as_far_as_needed(capsys, models_on_path):
+    code, out, err = _main(capsys, "calibrate", "--model", "cli_models:EndlessExamples", "--batches", "2")
+    assert code == 0, err
+    assert "2 batches from example_inputs() + 1 held out" in out
+
+
+# --- models and data of real libraries (issue 12, item 21) ----------------------------------------------
+
+
+def test_dict_batches_reach_a_forward_that_takes_one_dict(tmp_path, capsys, models_on_path):
+    import cli_models
+
+    batches = list(cli_models.tiny_sentence_encoder().example_inputs(3))
+    torch.save(batches, tmp_path / "enc.pt")
+    code, out, err = _main(
+        capsys, "calibrate", "--model", "cli_models:tiny_sentence_encoder",
+        "--data", str(tmp_path / "enc.pt"), "--observer", "minmax,per_channel", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[2].split()[:2] == ["0.model.encoder.layer.0.attention.self.query", "minmax"]
+    assert lines[2].index("minmax") == lines[0].index("observer")  # the column fits the long name
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        ("BatchEncoding", "holds a tokenizer's BatchEncoding (cli_models.BatchEncoding), which "
+         "torch.load(weights_only=True) does not load (unpickling it could run code); "
+         "save dict(enc) instead"),
+        ("DictLike", "holds cli_models.DictLike objects, which torch.load(weights_only=True) does not load"),
+    ],
+)  # fmt: skip
+def test_data_with_classes_weights_only_refuses_is_one_clear_line(
+    cls, message, tmp_path, capsys, models_on_path
+):
+    import cli_models
+
+    batch = getattr(cli_models, cls)(input_ids=torch.zeros(2, 4, dtype=torch.int64))
+    torch.save([batch, batch], tmp_path / "enc.pt")
+    code, out, err = _main(
+        capsys, "calibrate", "--model", "cli_models:mlp", "--data", str(tmp_path / "enc.pt")
+    )
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "\x1b" not in err and message in err
+
+
+# --- the table when nothing can be measured (issue 12, item 19) -----------------------------------------
+
+
+def test_an_all_nan_held_out_batch_names_no_winner(tmp_path, capsys, models_on_path):
+    torch.save([torch.randn(3, 4), torch.full((3, 4), float("nan"))], tmp_path / "d.pt")
+    code, out, err = _main(
+        capsys, "calibrate", "--model", "cli_models:linear", "--data", str(tmp_path / "d.pt"), "--quiet",
+        "--save", str(tmp_path / "q.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [line for line in out.split("\n\n")[0].splitlines()[2:] if not line.startswith("n/a:")]
+    assert len(rows) == len(report.OBSERVER_KINDS) and all(" n/a " in row for row in rows)
+    assert "inf" not in out and "*" not in out
+    assert out.strip().splitlines()[-1].endswith(": no winner")
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["layers"][""]["best"] is None
+    assert all(e["sqnr_db"] is None for e in doc["layers"][""]["observers"].values())
+
+
+# --- one set of observer names (issue 12, item 27) ------------------------------------------------------
+
+
+def _listed_names(text: str) -> set[str]:
+    """The names of a '<names> (aliases: <aliases>; ...' list."""
+    names, _, rest = text.partition(" (aliases: ")
+    aliases = rest.partition(";")[0]
+    return {n.strip() for n in (names + "," + aliases).split(",") if n.strip()}
+
+
+def test_calibrate_bench_and_create_observer_take_the_same_names(capsys):
+    from mono_quant import bench
+    from mono_quant.core.registry import ALIASES, OBSERVERS
+
+    registry = set(OBSERVERS) | set(ALIASES)
+    _, help_text, _ = _main(capsys, "calibrate", "--help")
+    listed = " ".join(help_text.split("all names:")[1].split("work too")[0].split())
+    assert _listed_names(listed) == registry
+    _, bench_help, _ = _main(capsys, "bench", "--help")
+    assert _listed_names(" ".join(bench_help.split("names:")[1].split())) == registry
+    _, _, err = _main(capsys, "calibrate", "--observer", "nope")
+    _, _, bench_err = _main(capsys, "bench", "--kinds", "nope")
+    for text in (err, bench_err):
+        assert _listed_names(text.split("choose from ")[1]) == registry
+    for name in sorted(registry):
+        expected = type(mono_quant.create_observer(name))
+        assert cli._observer_kinds(name) == [observer_kind(name)]
+        assert type(compare_make(name)) is expected, name
+        assert type(bench.mono_observer(name)) is expected, name
+        assert bench.torch_ao_observer(name) is not None or bench.torch_ao() is None
+    assert set(report.OBSERVER_KINDS) <= set(OBSERVERS)  # what "all" compares
