@@ -17,17 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mono_quant.bench import (
-    activation,
-    ceiling_seconds,
-    median_seconds,
-    mono_observer,
-    peak_extra_bytes,
-    synchronize,
-    torch_ao,
-    torch_ao_observer,
-    triton_skip_reason,
-)
+from mono_quant.bench import activation, mono_observer, torch_ao, torch_ao_observer, triton_skip_reason
+from mono_quant.timing import ceiling_seconds, median_seconds, peak_extra_bytes, synchronize
 
 __all__ = [
     "PROFILES",

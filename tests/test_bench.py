@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mono_quant import bench
+from mono_quant import bench, timing
 from mono_quant.core import search
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -101,9 +101,9 @@ def test_activation_shape_dtype_and_outliers():
 
 def test_peak_extra_bytes_sees_a_temporary_on_cpu():
     x = torch.ones(1 << 20)
-    peak = bench.peak_extra_bytes(lambda: (x * 2).sum(), "cpu")
+    peak = timing.peak_extra_bytes(lambda: (x * 2).sum(), "cpu")
     assert peak >= x.nbytes
-    assert bench.peak_extra_bytes(x.sum, "cpu") < x.nbytes
+    assert timing.peak_extra_bytes(x.sum, "cpu") < x.nbytes
 
 
 def test_registry_names_are_timed_on_their_forward(capsys):
@@ -117,16 +117,16 @@ def test_registry_names_are_timed_on_their_forward(capsys):
 
 def _fake_clock(monkeypatch, step):
     clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     return lambda: clock.__setitem__(0, clock[0] + step)
 
 
 def test_time_calls_takes_rounds_and_a_time_budget(monkeypatch):
     call = _fake_clock(monkeypatch, 0.25)  # every call takes 0.25 s of the fake clock
-    t = bench.time_calls(call, rounds=2, min_seconds=1.0, warmup=0)
+    t = timing.time_calls(call, rounds=2, min_seconds=1.0, warmup=0)
     assert t.calls == 4 and t.median == 0.25 and t.spread == 0.0  # the budget, not the rounds, decided
-    assert bench.time_calls(call, rounds=6, min_seconds=1.0, warmup=0).calls == 6
-    assert bench.time_calls(call, rounds=1, min_seconds=100.0, warmup=0, max_calls=7).calls == 7
+    assert timing.time_calls(call, rounds=6, min_seconds=1.0, warmup=0).calls == 6
+    assert timing.time_calls(call, rounds=1, min_seconds=100.0, warmup=0, max_calls=7).calls == 7
 
 
 def test_rows_that_are_not_credible_are_flagged():
@@ -148,7 +148,7 @@ def test_rows_that_are_not_credible_are_flagged():
 
 def test_median_seconds_rejects_no_rounds():
     with pytest.raises(ValueError, match="rounds=0"):
-        bench.median_seconds(lambda: None, rounds=0)
+        timing.median_seconds(lambda: None, rounds=0)
 
 
 def test_loops_pick_the_vectorized_threshold():

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mono_quant
-from mono_quant import cli, demo, report
+from mono_quant import cli, cli_inputs, demo, report
 from mono_quant import compare as cli_compare
 from mono_quant.args import observer_kind
 
@@ -287,7 +287,7 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message, tmp_path, capsys,
 def test_plot_without_matplotlib_is_one_line(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        cli.importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
+        cli_inputs.importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
     )
     code, _, err = _main(capsys, "calibrate", "--plot", "out.png")
     assert code == 2
@@ -470,10 +470,10 @@ def test_the_default_threads_leave_busy_cpus_alone(monkeypatch):
     args = types.SimpleNamespace(model="m:f", threads=None)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     for idle, want in ((None, 8), (8.0, 8), (5.4, 5), (0.2, 1), (20.0, 8)):
-        monkeypatch.setattr(cli, "idle_cpus", lambda idle=idle: idle)
-        assert cli.default_threads(args) == want, idle
-    assert cli.default_threads(types.SimpleNamespace(model=None, threads=None)) == 1  # the demo
-    idle = cli.idle_cpus(0.01)
+        monkeypatch.setattr(cli_inputs, "idle_cpus", lambda idle=idle: idle)
+        assert cli_inputs.default_threads(args) == want, idle
+    assert cli_inputs.default_threads(types.SimpleNamespace(model=None, threads=None)) == 1  # the demo
+    idle = cli_inputs.idle_cpus(0.01)
     assert idle is None or 0 <= idle <= os.cpu_count()
 
 
@@ -583,7 +583,7 @@ def test_calibrate_bench_and_create_observer_take_the_same_names(capsys):
         assert _listed_names(text.split("choose from ")[1]) == registry
     for name in sorted(registry):
         expected = type(mono_quant.create_observer(name))
-        assert cli._observer_kinds(name) == [observer_kind(name)]
+        assert cli_inputs.observer_kinds(name) == [observer_kind(name)]
         assert type(compare_make(name)) is expected, name
         assert type(bench.mono_observer(name)) is expected, name
         assert bench.torch_ao_observer(name) is not None or bench.torch_ao() is None

@@ -380,7 +380,7 @@ def test_the_largest_bins_bin_every_value_exactly():
 
 
 def test_symmetric_kl_search_memory_is_bounded():
-    from mono_quant.bench import peak_extra_bytes
+    from mono_quant.timing import peak_extra_bytes
 
     hist = torch.randint(0, 50, (200_000,))
     hi = S.symmetric_candidates(hist.shape[0], "cpu")
