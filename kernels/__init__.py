@@ -9,3 +9,7 @@ from .histogram import histogram_update_
 from .minmax import minmax_per_channel_update_, minmax_update_
 
 __all__ = ["histogram_update_", "minmax_per_channel_update_", "minmax_update_"]
+
+from .amax import amax_history_update_  # noqa: E402
+
+__all__ += ["amax_history_update_"]

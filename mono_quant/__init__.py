@@ -8,6 +8,7 @@ ops, with the same results. ``import mono_quant`` needs neither triton nor matpl
 from mono_quant._version import __version__
 from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
 from mono_quant.core import (
+    AmaxHistoryObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -27,6 +28,7 @@ from mono_quant.distributed import merge_observers, merge_state_dicts, sync_obse
 from mono_quant.state import HistogramState, RangeState, merge_histograms
 
 __all__ = [
+    "AmaxHistoryObserver",
     "CalibrationResult",
     "ExperimentalWarning",
     "HistogramObserver",

@@ -11,6 +11,10 @@ module only carries the rules out. Per buffer:
 
 - ``"min"`` / ``"max"`` / ``"sum"``: elementwise (``running_min``, ``running_max``, ``seen``). Exact: equal to
   one process that saw all the data.
+- ``"history_max"``: elementwise MAX of a buffer of fixed shape (``AmaxHistoryObserver.amax_history``), and
+  ``"derived"``: not reduced, recomputed by the observer from the merged buffers (``_merged``: the scale of
+  the merged history). Called after every step, a sync is TransformerEngine's ``reduce_amax``: the ranks'
+  latest amaxes are reduced with MAX (the older slots agree already) and every rank takes the same scale.
 - ``"grid"`` and ``"counts"`` (histograms): every source computes the canonical grid of the *merged* range
   (``mono_quant.grid.canonical_grid``: a function of the range only), moves its counts onto it exactly
   (``regrid``) and the counts are summed. Exact: the grid, the counts and so the qparams of every method are
@@ -197,11 +201,15 @@ def _padded(t: torch.Tensor, size: int, fill: float, device) -> torch.Tensor:
 
 
 def _pack_minmax(src: _Entries, channels: list[int], device) -> torch.Tensor:
-    """float32: every "min" buffer, then every negated "max" buffer (reduced by MIN)."""
+    """float32: every "min" buffer, then every negated "max" and "history_max" buffer (reduced by MIN)."""
     parts = []
     for sign, rule, fill in ((1, "min", float("inf")), (-1, "max", float("-inf"))):
         for (_, obs), c in zip(src, channels, strict=True):
             parts += [sign * _padded(obs._buffers[b], c, fill, device) for b in _buffers(obs, rule)]
+    for _, obs in src:
+        parts += [
+            -obs._buffers[b].reshape(-1).to(device, torch.float32) for b in _buffers(obs, "history_max")
+        ]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32, device=device)
 
 
@@ -215,6 +223,11 @@ def _unpack_minmax(
             for b in _buffers(obs, rule):
                 out[i, b] = (sign * reduced[offset : offset + c]).reshape(_shape(obs, c))
                 offset += c
+    for i, (_, obs) in enumerate(entries):
+        for b in _buffers(obs, "history_max"):
+            n = obs._buffers[b].numel()
+            out[i, b] = (-reduced[offset : offset + n]).reshape(obs._buffers[b].shape)
+            offset += n
     return out
 
 
@@ -307,6 +320,8 @@ def _merge(sources: list[_Entries], targets: _Entries, reduce: _Reduce, gather: 
         offset += n
     for (i, b), value in merged.items():
         _set(targets[i][1], b, value)
+    for _, obs in targets:  # what derives from the merged buffers ("derived")
+        obs._merged()
 
 
 # --- across ranks ---------------------------------------------------------------------------------------

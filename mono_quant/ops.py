@@ -241,3 +241,74 @@ def histogram_update_(x: torch.Tensor, state: HistogramState, *, backend: str = 
         torch.ops.mono_quant.histogram_update(x, *state, backend)
         return
     _impl(x, backend).histogram_update_(x, state)
+
+
+# --- amax history (mono_quant.history) ---------------------------------------------------------------------
+from mono_quant.history import AmaxHistoryState  # noqa: E402
+
+__all__ += ["amax_history_update_"]
+
+
+def _amax_history_op(
+    x: torch.Tensor,
+    running_min: torch.Tensor,
+    running_max: torch.Tensor,
+    seen: torch.Tensor,
+    amax_history: torch.Tensor,
+    scale: torch.Tensor,
+    delayed_scale: torch.Tensor,
+    ticket: torch.Tensor,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    backend: str,
+) -> None:
+    state = AmaxHistoryState(running_min, running_max, seen, amax_history, scale, delayed_scale, ticket)
+    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps)
+
+
+# the ops of mono_quant.history and mono_quant.core.fake_quant, registered as those above
+_TRAINING_SCHEMAS = {
+    "amax_history_update": (
+        _amax_history_op,
+        "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
+        "Tensor(d!) amax_history, Tensor(e!) scale, Tensor(f!) delayed_scale, Tensor(g!) ticket, "
+        "str algo, float multiplier, float divisor, float eps, str backend) -> ()",
+        AmaxHistoryState._fields,
+        None,
+    ),
+}
+
+
+def _register_training_ops() -> bool:
+    """Register ``torch.ops.mono_quant.*`` for the ops of ``_TRAINING_SCHEMAS``; False where torch cannot."""
+    if not _HAVE_CUSTOM_OPS:
+        return False
+    try:
+        for name, (fn, schema, mutated, fake) in _TRAINING_SCHEMAS.items():
+            op = torch.library.custom_op(f"mono_quant::{name}", fn, mutates_args=mutated, schema=schema)
+            op.register_fake(fake or (lambda *args, **kwargs: None))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+def amax_history_update_(
+    x: torch.Tensor,
+    state: AmaxHistoryState,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    *,
+    backend: str = "auto",
+) -> None:
+    """See ``mono_quant.reference.amax_history_update_``; ``backend`` as in ``resolve_backend``."""
+    if _compiling() and _HAVE_TRAINING_OPS:
+        torch.ops.mono_quant.amax_history_update(x, *state, algo, multiplier, divisor, eps, backend)
+        return
+    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps)
+
+
+_HAVE_TRAINING_OPS = _register_training_ops()

@@ -226,3 +226,60 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         # per chunk (< 2**24 values). No data-dependent shape, no host read.
         counts += torch.histc(t, bins=num_bins, min=-0.5, max=num_bins - 0.5).to(torch.int64)
     _count_(state.seen, x.numel(), bad)
+
+
+# --- amax history (TransformerEngine's delayed scaling; mono_quant.history) ---------------------------------
+
+from mono_quant.history import F32_MAX as _F32_MAX  # noqa: E402
+from mono_quant.history import amax_scale  # noqa: E402
+
+
+def _amax_scale_host(amax, scale, multiplier: float, divisor: float, eps: float) -> np.float32:
+    """``amax_scale`` on numpy float32 scalars (the same roundings), for the CPU path."""
+    a, m, d = np.float32(amax), np.float32(multiplier), np.float32(divisor)
+    if not (a > 0 and math.isfinite(a)):
+        return np.float32(scale)
+    with np.errstate(over="ignore"):
+        t = a * m / d
+        if math.isinf(t):
+            t = a / d * m
+    return np.float32(min(max(t, np.float32(eps)), np.float32(_F32_MAX)))
+
+
+def amax_history_update_(
+    x: torch.Tensor, state, algo: str, multiplier: float, divisor: float, eps: float
+) -> None:
+    """One step of an amax history (``mono_quant.history``), in place.
+
+    The batch's amax ``a = max(|finite values of x|)`` (0 if none is finite) goes to the front of the rolled
+    history; ``delayed_scale`` takes ``scale``; then, for ``algo`` ``"max"`` / ``"most_recent"``, ``scale``
+    becomes ``history.amax_scale`` of the history's max / of ``a`` (``"none"``: left to the caller). The
+    range and ``seen`` are updated as by ``minmax_update_``.
+
+    Args:
+        x: non-empty float tensor. state: an ``AmaxHistoryState`` (its ``ticket`` is not touched).
+        algo: ``"max"``, ``"most_recent"`` or ``"none"``. multiplier, divisor, eps: of ``amax_scale``.
+    """
+    x = _float32_values(x)
+    mn, mx, bad = finite_minmax(x)
+    _update_range_(state.range, mn, mx, None)
+    _count_(state.seen, x.numel(), bad)
+    hist, scale = state.amax_history, state.scale
+    if _may_branch(x):  # CPU: numpy float32 scalars and numpy's view of the history (the same roundings)
+        # + 0: an all-zero batch gives +0.0, not -0.0
+        a = max(np.float32(-mn.item()), np.float32(mx.item()), np.float32(0)) + np.float32(0)
+        h = hist.numpy()
+        h[1:] = h[:-1]  # numpy copies overlapping views as if through a temporary
+        h[0] = a
+        old = np.float32(scale.item())
+        state.delayed_scale.fill_(float(old))
+        if algo != "none":
+            amax = h.max() if algo == "max" else a
+            scale.fill_(float(_amax_scale_host(amax, old, multiplier, divisor, eps)))
+        return
+    a = torch.maximum(torch.maximum(-mn, mx), torch.zeros_like(mx)) + 0.0
+    hist.copy_(torch.cat([a.reshape(1), hist[:-1]]))
+    state.delayed_scale.copy_(scale)
+    if algo != "none":
+        amax = hist.amax() if algo == "max" else a
+        scale.copy_(amax_scale(amax, scale, multiplier, divisor, eps))

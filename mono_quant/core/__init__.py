@@ -1,6 +1,7 @@
 """Observers, the quantization-parameter arithmetic and the threshold searches."""
 
 from mono_quant.core.observers import (
+    AmaxHistoryObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -21,6 +22,7 @@ from mono_quant.core.qparams import (
 from mono_quant.core.registry import OBSERVERS, ExperimentalWarning, create_observer
 
 __all__ = [
+    "AmaxHistoryObserver",
     "OBSERVERS",
     "ExperimentalWarning",
     "HistogramObserver",
