@@ -13,3 +13,7 @@ __all__ = ["histogram_update_", "minmax_per_channel_update_", "minmax_update_"]
 from .amax import amax_history_update_  # noqa: E402
 
 __all__ += ["amax_history_update_"]
+
+from .fake_quant import fake_quantize_  # noqa: E402
+
+__all__ += ["fake_quantize_"]

@@ -311,4 +311,57 @@ def amax_history_update_(
     _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps)
 
 
+# --- fake quantization (mono_quant.core.fake_quant) ---------------------------------------------------------
+
+__all__ += ["fake_quantize_"]
+
+
+def _fake_quantize_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+    ch_axis: int | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, mask = _impl(x, backend).fake_quantize_(
+        x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis
+    )
+    return out.contiguous(), mask.contiguous()  # the layout the fake implementation promises
+
+
+def _fake_quantize_fake(x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
+
+
+_TRAINING_SCHEMAS["fake_quantize"] = (
+    _fake_quantize_op,
+    "(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, ScalarType? fp8_dtype, "
+    "int? ch_axis, str backend) -> (Tensor, Tensor)",
+    (),
+    _fake_quantize_fake,
+)
+
+
+def fake_quantize_(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+    ch_axis: int | None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``mono_quant.reference.fake_quantize_``; ``backend`` as in ``resolve_backend``."""
+    if _compiling() and _HAVE_TRAINING_OPS:
+        return torch.ops.mono_quant.fake_quantize(
+            x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis, backend
+        )
+    return _impl(x, backend).fake_quantize_(x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis)
+
+
 _HAVE_TRAINING_OPS = _register_training_ops()

@@ -283,3 +283,67 @@ def amax_history_update_(
     if algo != "none":
         amax = hist.amax() if algo == "max" else a
         scale.copy_(amax_scale(amax, scale, multiplier, divisor, eps))
+
+
+# --- fake quantization (mono_quant.core.fake_quant) -------------------------------------------------------
+
+
+def _per_channel_view(t: torch.Tensor, x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    """A ``(C,)`` qparam shaped to broadcast along ``ch_axis`` of ``x`` (a 0-d one as it is)."""
+    if ch_axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return t.reshape(shape)
+
+
+def fake_quantize_(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+    ch_axis: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize ``x`` and return ``(out, mask)``: the values and where the gradient passes.
+
+    Integer targets follow ``torch.fake_quantize_per_tensor_affine`` / ``per_channel_affine`` (CPU) step by
+    step, so output and mask are theirs bit for bit wherever ``x`` is finite and ``|x / scale| < 2**63``::
+
+        q    = round(x * (1 / scale)) + zero_point           # float32 (float64 for a float64 x), half to even
+        mask = quant_min <= q <= quant_max
+        out  = (clamp(q, quant_min, quant_max) - zero_point) * scale      # float32 (per channel, float64
+                                                                          # for a float64 x), then x.dtype
+    where they differ by design: NaN stays NaN (mask False), and ``+-inf`` and values beyond ``2**63`` steps
+    saturate to the nearer end (torch's per-channel op, which casts them to int64, sends them to
+    ``quant_min``). FP8 targets (``fp8_dtype``): ``y = x / scale`` in float32, ``mask = |y| <= fp8_max``,
+    ``out = clamp(y, +-fp8_max).to(fp8_dtype).float() * scale`` (NaN stays NaN).
+
+    Args:
+        x: non-empty float tensor. scale: float32, 0-d or ``(C,)``; zero_point: int32 of the same shape (not
+            read for FP8). quant_min, quant_max: the integer range. fp8_dtype: a float8 dtype, or ``None``
+            for the integer range. ch_axis: the channel dimension of ``x`` for ``(C,)`` qparams.
+
+    Returns:
+        ``out`` shaped like ``x`` in its dtype, ``mask`` bool shaped like ``x``.
+    """
+    s = _per_channel_view(scale, x, ch_axis)
+    if fp8_dtype is not None:
+        m = torch.finfo(fp8_dtype).max
+        y = x.float() / s
+        mask = y.abs() <= m
+        out = y.clamp_(-m, m).to(fp8_dtype).float().mul_(s)
+        return out.to(x.dtype), mask
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16 / bf16 -> float32 is exact
+    inv = _per_channel_view(torch.ones_like(scale) / scale, x, ch_axis)
+    q = xf * inv  # float64 x: float64 (as C++ double * float)
+    q.round_()
+    q += _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
+    mask = q >= quant_min
+    mask &= q <= quant_max
+    q.clamp_(quant_min, quant_max)  # NaN stays NaN
+    q -= _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
+    if q.dtype == torch.float64 and ch_axis is None:  # torch's per-tensor product is float32
+        q = q.float()
+    return q.mul_(s).to(x.dtype), mask

@@ -1,5 +1,6 @@
 """Observers, the quantization-parameter arithmetic and the threshold searches."""
 
+from mono_quant.core.fake_quant import FakeQuantize
 from mono_quant.core.observers import (
     AmaxHistoryObserver,
     HistogramObserver,
@@ -25,6 +26,7 @@ __all__ = [
     "AmaxHistoryObserver",
     "OBSERVERS",
     "ExperimentalWarning",
+    "FakeQuantize",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
