@@ -17,3 +17,7 @@ __all__ += ["amax_history_update_"]
 from .fake_quant import fake_quantize_  # noqa: E402
 
 __all__ += ["fake_quantize_"]
+
+from .fake_quant import amax_history_fake_quantize_, observe_fake_quantize_  # noqa: E402
+
+__all__ += ["amax_history_fake_quantize_", "observe_fake_quantize_"]

@@ -182,9 +182,12 @@ def check_history_state(state) -> None:
         )
 
 
-def partial_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Scratch partials of a persistent reduction over a prepared ``x``: ``(pmin, pmax, pbad, P, tiles)``."""
-    num_tiles = triton.cdiv(x.numel(), BLOCK)
+def partial_buffers(
+    x: torch.Tensor, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Scratch partials of a persistent reduction over a prepared ``x`` in tiles of ``block``:
+    ``(pmin, pmax, pbad, P, tiles)``."""
+    num_tiles = triton.cdiv(x.numel(), block)
     programs = min(num_tiles, max_programs(x))
     pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
     pbad = torch.empty(programs, dtype=torch.int64, device=x.device)

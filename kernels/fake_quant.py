@@ -23,11 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_options, prepare_input
+from ._common import accumulate_partials, launch_options, prepare_input, store_partials
+from .amax import ALGOS, BLOCK_H, check_history_state, history_finalize, partial_buffers
+from .minmax import _check_state, _finalize_kernel
 
-__all__ = ["FP8_FORMATS", "fake_quantize_"]
+__all__ = ["FP8_FORMATS", "amax_history_fake_quantize_", "fake_quantize_", "observe_fake_quantize_"]
 
 BLOCK = 1024  # elements per program: 8 a thread at 4 warps (55-77 registers for sm_90, no spills)
+FUSED_BLOCK = 2048  # elements per tile of the fused delayed kernel (8 a thread at 8 warps)
 # float8 dtype -> (FMT id, fp8_max, smallest normal exponent, mantissa bits, no negative zero)
 FP8_FORMATS = {
     torch.float8_e4m3fn: (1, 448.0, -6, 3, False),
@@ -210,4 +213,184 @@ def fake_quantize_(
         BLOCK=BLOCK, PER_CHANNEL=bool(want), FP64=xc.dtype == torch.float64, **fp8_constexprs(fp8_dtype),
         **launch_options(4),
     )  # fmt: skip
+    return out, mask
+
+
+# --- delayed: fake-quantize with the qparams from before the batch while reducing it into the state ---------
+
+
+@triton.jit
+def _observe_fake_quant_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    scale_ptr,
+    zp_ptr,
+    pmin_ptr,
+    pmax_ptr,
+    pbad_ptr,
+    ticket_ptr,
+    rmin_ptr,
+    rmax_ptr,
+    seen_ptr,
+    hist_ptr,
+    dscale_ptr,
+    n,
+    num_tiles,
+    qmin,
+    qmax,
+    hist_len,
+    mult,
+    div,
+    eps,
+    BLOCK: tl.constexpr,
+    FMT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    EMIN: tl.constexpr,
+    MBITS: tl.constexpr,
+    FNUZ: tl.constexpr,
+    FP64: tl.constexpr,
+    HISTORY: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    ALGO: tl.constexpr,
+):
+    """One read of ``x``: its fake quantization with ``scale`` / ``zp`` and its min/max partials.
+
+    Grid: ``(P,)`` persistent programs, tiles ``p, p + P, ...`` of ``BLOCK``. x, out: ``(n,)`` contiguous;
+    mask: bool ``(n,)``; scale: float32 ``()``, zp: int32 ``()``; pmin, pmax: float32 ``(P,)``, pbad: int64
+    ``(P,)``. ``HISTORY``: the program that draws the last ticket then does the amax-history step
+    (``amax.history_finalize``; ``scale_ptr`` is the history's scale, read by every program before its
+    ticket, so before the update); otherwise the ticket and the state pointers are not used and the partials
+    are reduced by MinMax's finalize kernel.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, BLOCK)
+    s = tl.load(scale_ptr)
+    zp = tl.load(zp_ptr)
+    inv = tl.div_rn(tl.full([], 1.0, tl.float32), s)
+    mn = tl.full([BLOCK], float("inf"), tl.float32)
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for t in range(pid, num_tiles, nprog):
+        offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
+        m = offs < n
+        raw = tl.load(x_ptr + offs, mask=m, other=0.0)
+        x = raw.to(tl.float32)
+        finite = m & (tl.abs(x) <= 3.4028234663852886e38)
+        mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, m)
+        if FMT == 0:
+            out, keep = fake_quant_int(raw, s, inv, zp, qmin, qmax, FP64, False)
+        else:
+            out, keep = fake_quant_fp8(raw, s, FP8_MAX, EMIN, MBITS, FNUZ)
+        tl.store(out_ptr + offs, cast_out(out, out_ptr.dtype.element_ty), mask=m)
+        tl.store(mask_ptr + offs, keep, mask=m)
+    store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
+    if HISTORY:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == nprog - 1:
+            history_finalize(
+                pmin_ptr, pmax_ptr, pbad_ptr, nprog, rmin_ptr, rmax_ptr, seen_ptr, hist_ptr, scale_ptr,
+                dscale_ptr, n, hist_len, mult, div, eps, BLOCK_P, BLOCK_H, ALGO,
+            )  # fmt: skip
+            tl.store(ticket_ptr, 0)
+
+
+def _check_qparams(scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    for name, t, dtype in (("scale", scale, torch.float32), ("zero_point", zero_point, torch.int32)):
+        if t.dtype != dtype or t.shape != ():
+            raise ValueError(f"{name} must be a 0-d {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def _launch_observe(x, scale, zero_point, quant_min, quant_max, fp8_dtype, state, history, consts):
+    xc = prepare_input(x)
+    out = torch.empty_like(xc)
+    mask = torch.empty(xc.shape, dtype=torch.bool, device=xc.device)
+    pmin, pmax, pbad, programs, num_tiles = partial_buffers(xc, FUSED_BLOCK)
+    if history:
+        algo, mult, div, eps = consts
+        ptrs = (state.ticket, state.running_min, state.running_max, state.seen, state.amax_history,
+                state.delayed_scale)  # fmt: skip
+        hist_len = state.amax_history.numel()
+    else:
+        algo, mult, div, eps, hist_len = "none", 1.0, 1.0, 1.0, 1
+        ptrs = (pbad, pmin, pmin, pbad, pmin, pmin)  # not used without HISTORY
+    _observe_fake_quant_kernel[(programs,)](
+        xc, out, mask, scale, zero_point, pmin, pmax, pbad, *ptrs, xc.numel(), num_tiles, quant_min,
+        quant_max, hist_len, float(mult), float(div), float(eps), BLOCK=FUSED_BLOCK,
+        FP64=xc.dtype == torch.float64, HISTORY=history, BLOCK_P=max(triton.next_power_of_2(programs), 16),
+        BLOCK_H=min(BLOCK_H, max(triton.next_power_of_2(hist_len), 16)), ALGO=ALGOS[algo],
+        **fp8_constexprs(fp8_dtype), **launch_options(8),
+    )  # fmt: skip
+    return xc, out, mask, (pmin, pmax, pbad, programs)
+
+
+def observe_fake_quantize_(
+    x: torch.Tensor,
+    state,
+    averaging_constant: float | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize ``x`` with ``scale`` / ``zero_point`` and fold it into a range state: one read of ``x``
+    (then MinMax's finalize kernel on the partials). Twin of ``reference.observe_fake_quantize_``.
+
+    Args:
+        x: [in] non-empty float tensor. state: [in, out] a per-tensor ``RangeState``.
+        averaging_constant: ``None`` (min/max) or the EMA constant. scale, zero_point: [in] 0-d float32 /
+            int32. quant_min, quant_max, fp8_dtype: the target, as for ``fake_quantize_``.
+
+    Returns:
+        [out] ``(out, mask)`` as ``fake_quantize_``.
+    """
+    _check_state(state.running_min, state.running_max, state.seen, ())
+    _check_qparams(scale, zero_point)
+    xc, out, mask, (pmin, pmax, pbad, programs) = _launch_observe(
+        x, scale, zero_point, quant_min, quant_max, fp8_dtype, None, False, None
+    )
+    ema = averaging_constant is not None
+    _finalize_kernel[(1,)](
+        pmin, pmax, pbad, programs, state.running_min, state.running_max, state.seen, xc.numel(),
+        float(averaging_constant) if ema else 0.0, BLOCK_P=max(triton.next_power_of_2(programs), 16), EMA=ema,
+        **launch_options(4),
+    )  # fmt: skip
+    return out, mask
+
+
+def amax_history_fake_quantize_(
+    x: torch.Tensor,
+    state,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delayed scaling in one launch: fake-quantize ``x`` with ``state.scale`` (from before this batch) and do
+    the amax-history step (``amax.amax_history_update_``). Twin of ``reference.amax_history_fake_quantize_``.
+
+    Args:
+        x: [in] non-empty float tensor. state: [in, out] an ``AmaxHistoryState``. algo, multiplier,
+            divisor, eps: as for ``amax_history_update_`` (``"max"`` / ``"most_recent"``).
+        zero_point: [in] 0-d int32. quant_min, quant_max, fp8_dtype: the target.
+
+    Returns:
+        [out] ``(out, mask)`` as ``fake_quantize_``.
+    """
+    check_history_state(state)
+    _check_qparams(state.scale, zero_point)
+    if algo not in ("max", "most_recent"):
+        raise ValueError(f"algo={algo!r}: the fused step computes 'max' or 'most_recent'")
+    consts = (algo, multiplier, divisor, eps)
+    _, out, mask, _ = _launch_observe(
+        x, state.scale, zero_point, quant_min, quant_max, fp8_dtype, state, True, consts
+    )
     return out, mask

@@ -364,4 +364,94 @@ def fake_quantize_(
     return _impl(x, backend).fake_quantize_(x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis)
 
 
+# --- delayed observe + fake-quantize (one read of x on CUDA) ------------------------------------------------
+
+__all__ += ["amax_history_fake_quantize_", "observe_fake_quantize_"]
+
+
+def _observe_fake_quantize_op(
+    x, running_min, running_max, seen, averaging_constant, scale, zero_point, quant_min, quant_max, fp8_dtype,
+    backend,
+):  # fmt: skip
+    state = RangeState(running_min, running_max, seen)
+    out, mask = _impl(x, backend).observe_fake_quantize_(
+        x, state, averaging_constant, scale, zero_point, quant_min, quant_max, fp8_dtype
+    )
+    return out.contiguous(), mask.contiguous()
+
+
+def _amax_history_fake_quantize_op(
+    x, running_min, running_max, seen, amax_history, scale, delayed_scale, ticket, algo, multiplier, divisor,
+    eps, zero_point, quant_min, quant_max, fp8_dtype, backend,
+):  # fmt: skip
+    state = AmaxHistoryState(running_min, running_max, seen, amax_history, scale, delayed_scale, ticket)
+    out, mask = _impl(x, backend).amax_history_fake_quantize_(
+        x, state, algo, multiplier, divisor, eps, zero_point, quant_min, quant_max, fp8_dtype
+    )
+    return out.contiguous(), mask.contiguous()
+
+
+def _two_outputs_fake(x, *args):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
+
+
+_TRAINING_SCHEMAS["observe_fake_quantize"] = (
+    _observe_fake_quantize_op,
+    "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, float? averaging_constant, "
+    "Tensor scale, Tensor zero_point, int quant_min, int quant_max, ScalarType? fp8_dtype, str backend) "
+    "-> (Tensor, Tensor)",
+    RangeState._fields,
+    _two_outputs_fake,
+)
+_TRAINING_SCHEMAS["amax_history_fake_quantize"] = (
+    _amax_history_fake_quantize_op,
+    "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) amax_history, "
+    "Tensor(e!) scale, Tensor(f!) delayed_scale, Tensor(g!) ticket, str algo, float multiplier, "
+    "float divisor, float eps, Tensor zero_point, int quant_min, int quant_max, ScalarType? fp8_dtype, "
+    "str backend) -> (Tensor, Tensor)",
+    AmaxHistoryState._fields,
+    _two_outputs_fake,
+)
+
+
+def observe_fake_quantize_(
+    x: torch.Tensor,
+    state: RangeState,
+    averaging_constant: float | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``mono_quant.reference.observe_fake_quantize_``; ``backend`` as in ``resolve_backend``."""
+    args = (averaging_constant, scale, zero_point, quant_min, quant_max, fp8_dtype)
+    if _compiling() and _HAVE_TRAINING_OPS:
+        return torch.ops.mono_quant.observe_fake_quantize(x, *state, *args, backend)
+    return _impl(x, backend).observe_fake_quantize_(x, state, *args)
+
+
+def amax_history_fake_quantize_(
+    x: torch.Tensor,
+    state: AmaxHistoryState,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``mono_quant.reference.amax_history_fake_quantize_``; ``backend`` as in ``resolve_backend``."""
+    args = (algo, multiplier, divisor, eps, zero_point, quant_min, quant_max, fp8_dtype)
+    if _compiling() and _HAVE_TRAINING_OPS:
+        return torch.ops.mono_quant.amax_history_fake_quantize(x, *state, *args, backend)
+    return _impl(x, backend).amax_history_fake_quantize_(x, state, *args)
+
+
 _HAVE_TRAINING_OPS = _register_training_ops()

@@ -339,11 +339,47 @@ def fake_quantize_(
     inv = _per_channel_view(torch.ones_like(scale) / scale, x, ch_axis)
     q = xf * inv  # float64 x: float64 (as C++ double * float)
     q.round_()
-    q += _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
-    mask = q >= quant_min
-    mask &= q <= quant_max
-    q.clamp_(quant_min, quant_max)  # NaN stays NaN
-    q -= _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
-    if q.dtype == torch.float64 and ch_axis is None:  # torch's per-tensor product is float32
-        q = q.float()
-    return q.mul_(s).to(x.dtype), mask
+    zp = _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
+    q += zp
+    out = q.clamp(quant_min, quant_max)  # NaN stays NaN
+    mask = torch.eq(out, q)  # quant_min <= q <= quant_max in one compare (NaN: False)
+    out -= zp
+    if out.dtype == torch.float64 and ch_axis is None:  # torch's per-tensor product is float32
+        out = out.float()
+    return out.mul_(s).to(x.dtype), mask
+
+
+def observe_fake_quantize_(
+    x: torch.Tensor,
+    state: RangeState,
+    averaging_constant: float | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fake_quantize_(x, scale, zero_point, ...)`` (per tensor), then ``minmax_update_(x, state, c)``: the
+    delayed step of ``FakeQuantize`` (its Triton twin reads ``x`` once for both). Returns ``(out, mask)``."""
+    out, mask = fake_quantize_(x, scale, zero_point, quant_min, quant_max, fp8_dtype, None)
+    minmax_update_(x, state, averaging_constant)
+    return out, mask
+
+
+def amax_history_fake_quantize_(
+    x: torch.Tensor,
+    state,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    fp8_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delayed scaling: ``fake_quantize_`` of ``x`` with ``state.scale`` (from before this batch), then
+    ``amax_history_update_`` (its Triton twin does both in one launch). Returns ``(out, mask)``."""
+    out, mask = fake_quantize_(x, state.scale, zero_point, quant_min, quant_max, fp8_dtype, None)
+    amax_history_update_(x, state, algo, multiplier, divisor, eps)
+    return out, mask

@@ -337,3 +337,69 @@ def test_cuda_graph_replay_gives_eager_results_without_a_sync(delayed):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     for a, b in zip(eager.buffers(), graphed.buffers(), strict=True):
         assert torch.equal(a, b)
+
+
+# --- fused delayed step (opt-in) -------------------------------------------------------------------------
+
+FUSED = [
+    {"observer": "minmax"},
+    {"observer": "moving_average", "averaging_constant": 0.2, "dtype": torch.quint8},
+    {"observer": "amax_history", "dtype": torch.float8_e4m3fn, "history_len": 4},
+    {"observer": "amax_history", "dtype": torch.qint8, "amax_compute_algo": "most_recent"},
+]
+
+
+@pytest.mark.parametrize("kw", FUSED)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_fused_delayed_step_equals_the_unfused_one(kw, backend):
+    if backend == "triton":
+        pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    fused = mq.FakeQuantize(delayed=True, fused=True, backend=backend, **kw)
+    plain = mq.FakeQuantize(delayed=True, backend="torch", **kw)
+    for x in steps((50, 41), n=4, dtype=torch.bfloat16):
+        x = x.clone()
+        x.view(-1)[-1] = float("nan")
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fused(xa), plain(xb)
+        assert same_bits(ya.detach(), yb.detach())
+        (ga,), (gb,) = torch.autograd.grad(ya.sum(), xa), torch.autograd.grad(yb.sum(), xb)
+        assert same_bits(ga, gb)
+        with torch.no_grad():
+            assert same_bits(fused(x), plain(x))
+    for (name, a), b in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_fused_needs_delayed_per_tensor_and_a_named_algo():
+    algo = {"amax_compute_algo": lambda h: h.max()}
+    for kw in (
+        {},
+        {"delayed": True, "observer": "per_channel"},
+        {"delayed": True, "observer": "amax_history", **algo},
+    ):
+        with pytest.raises(ValueError, match="fused=True fuses the delayed step"):
+            mq.FakeQuantize(fused=True, **kw)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("target", [None, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_fused_kernels_match_their_twins(target, dtype):
+    kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    from mono_quant.history import AmaxHistoryState
+    from mono_quant.state import RangeState
+
+    x = _fq_cases()[:300].repeat(30).to(dtype)  # 9000 values: several tiles and programs
+    s, z = torch.tensor(0.25), torch.tensor(0, dtype=torch.int32)
+    for c in (None, 0.5):
+        got, want = RangeState.empty(), RangeState.empty()
+        a = kernels.observe_fake_quantize_(x, got, c, s, z, -128, 127, target)
+        b = reference.observe_fake_quantize_(x, want, c, s, z, -128, 127, target)
+        assert same_bits(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    got, want = AmaxHistoryState.empty(5), AmaxHistoryState.empty(5)
+    for i in range(3):
+        a = kernels.amax_history_fake_quantize_(x * i, got, "max", 2.0, 448.0, 1e-7, z, -128, 127, target)
+        b = reference.amax_history_fake_quantize_(x * i, want, "max", 2.0, 448.0, 1e-7, z, -128, 127, target)
+        assert same_bits(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

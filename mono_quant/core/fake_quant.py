@@ -39,8 +39,9 @@ from mono_quant.core.observers import (
 )
 from mono_quant.core.qparams import calculate_qparams
 from mono_quant.core.registry import create_observer, observer_name
-from mono_quant.ops import fake_quantize_
-from mono_quant.state import Seen
+from mono_quant.history import AmaxHistoryState
+from mono_quant.ops import amax_history_fake_quantize_, fake_quantize_, observe_fake_quantize_
+from mono_quant.state import RangeState, Seen
 
 __all__ = ["FakeQuantize"]
 
@@ -55,8 +56,14 @@ _SUPPORTED = (
 _PER_CHANNEL = {"minmax": "per_channel", "moving_average": "moving_average_per_channel"}
 
 
+def _straight_through(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``grad * mask``, torch's fake-quantize backward (through the uint8 view of the bool mask: the same
+    values, and faster on the CPU)."""
+    return grad * mask.view(torch.uint8)
+
+
 class _FakeQuantizeFn(torch.autograd.Function):
-    """``ops.fake_quantize_`` with the straight-through gradient ``grad * mask`` (torch's backward)."""
+    """``ops.fake_quantize_`` with the straight-through gradient."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, fp8_dtype, ch_axis, backend):
@@ -68,8 +75,41 @@ class _FakeQuantizeFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None, None, None
+        return (_straight_through(grad, ctx.saved_tensors[0]),) + (None,) * 7
+
+
+class _ObserveFakeQuantizeFn(torch.autograd.Function):
+    """``ops.observe_fake_quantize_`` (delayed, fused) with the straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x, rmin, rmax, seen, c, scale, zero_point, quant_min, quant_max, fp8_dtype, backend):
+        state = RangeState(rmin, rmax, seen)
+        out, mask = observe_fake_quantize_(
+            x.detach(), state, c, scale, zero_point, quant_min, quant_max, fp8_dtype, backend=backend
+        )
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_straight_through(grad, ctx.saved_tensors[0]),) + (None,) * 10
+
+
+class _HistoryFakeQuantizeFn(torch.autograd.Function):
+    """``ops.amax_history_fake_quantize_`` (delayed scaling, one launch), straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x, rmin, rmax, seen, hist, scale, dscale, ticket, consts, zero_point, target, backend):
+        state = AmaxHistoryState(rmin, rmax, seen, hist, scale, dscale, ticket)
+        out, mask = amax_history_fake_quantize_(
+            x.detach(), state, *consts, zero_point, *target, backend=backend
+        )
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_straight_through(grad, ctx.saved_tensors[0]),) + (None,) * 11
 
 
 def _after_load(module: FakeQuantize, incompatible_keys) -> None:
@@ -91,6 +131,10 @@ class FakeQuantize(nn.Module):
         qscheme: ``"affine"`` / ``"symmetric"``; default affine for integers, symmetric for FP8.
         ch_axis: per-channel qparams along this dimension (a per-tensor name becomes its per-channel kind).
         delayed: quantize with the qparams from before each batch (delayed scaling).
+        fused: with ``delayed=True`` and a per-tensor observer (MinMax, moving average, or an amax history
+            with ``"max"`` / ``"most_recent"``), observe and fake-quantize in one pass over ``x`` (on CUDA one
+            Triton kernel reads ``x`` once; for the amax history one launch does the whole step). Opt-in;
+            the same results as unfused. An amax history then quantizes with the observer's own ``scale``.
         **observer_kwargs: passed to the observer (``averaging_constant``, ``history_len``, ``margin``, ...).
 
     Buffers: ``scale`` (float32, ``()`` or ``(C,)``, 1.0 until data), ``zero_point`` (int32, 0),
@@ -110,6 +154,7 @@ class FakeQuantize(nn.Module):
         qscheme=None,
         ch_axis: int | None = None,
         delayed: bool = False,
+        fused: bool = False,
         **observer_kwargs,
     ):
         super().__init__()
@@ -136,6 +181,16 @@ class FakeQuantize(nn.Module):
             )
         self.observer = observer
         self.delayed = bool(delayed)
+        self.fused = bool(fused)
+        if self.fused and not (
+            self.delayed
+            and observer.ch_axis is None
+            and not callable(getattr(observer, "amax_compute_algo", None))
+        ):
+            raise ValueError(
+                "fused=True fuses the delayed step of a per-tensor observer: pass delayed=True and a MinMax, "
+                "moving-average or amax-history observer (with amax_compute_algo 'max' or 'most_recent')"
+            )
         channels = () if observer.ch_axis is None else (observer.running_min.numel(),)
         self.register_buffer("scale", torch.ones(channels, device=observer.seen.device))
         self.register_buffer(
@@ -192,6 +247,8 @@ class FakeQuantize(nn.Module):
         if x.numel() == 0:
             return x
         observe = self._observer_on
+        if self.fused and observe and self._fake_quant_on and self._has_qparams:
+            return self._fused_step(x)
         if observe and (not self.delayed or not self._has_qparams):
             self._observe(x)
             observe = False
@@ -214,6 +271,10 @@ class FakeQuantize(nn.Module):
     # --- helpers -----------------------------------------------------------------------------------------
     def _observe(self, x: torch.Tensor) -> None:
         self.observer(x)
+        self._update_qparams()
+
+    def _update_qparams(self) -> None:
+        """The qparams of the observer's state, on the device (no host read)."""
         obs = self.observer
         if isinstance(obs, AmaxHistoryObserver):
             scale, zero_point = obs.device_qparams()
@@ -230,10 +291,39 @@ class FakeQuantize(nn.Module):
             self.zero_point.copy_(torch.where(seen, zero_point, self.zero_point))
         self._has_qparams = True
 
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _target(self) -> tuple[int, int, torch.dtype | None]:
         spec = self.spec
-        fp8 = spec.dtype if spec.is_fp8 else None
-        qmin, qmax = (0, 0) if fp8 else (spec.qmin, spec.qmax)
+        if spec.is_fp8:
+            return 0, 0, spec.dtype
+        return spec.qmin, spec.qmax, None
+
+    def _fused_step(self, x: torch.Tensor) -> torch.Tensor:
+        obs = self.observer
+        if x.device != obs.seen.device:
+            obs(x)  # raises the observers' error naming both devices
+        grad = x.requires_grad and torch.is_grad_enabled()
+        target = self._target()
+        if isinstance(obs, AmaxHistoryObserver):
+            consts = (obs.amax_compute_algo, obs._multiplier, obs._divisor, obs.eps)
+            zp = obs._zero_point()
+            state = obs.history_state()
+            if grad:
+                out = _HistoryFakeQuantizeFn.apply(x, *state, consts, zp, target, obs.backend)
+            else:
+                out = amax_history_fake_quantize_(x, state, *consts, zp, *target, backend=obs.backend)[0]
+            self.scale.copy_(obs.scale)
+            self.zero_point.copy_(zp)
+            return out
+        args = (obs.averaging_constant, self.scale, self.zero_point, *target)
+        if grad:
+            out = _ObserveFakeQuantizeFn.apply(x, *obs.range_state(), *args, obs.backend)
+        else:
+            out = observe_fake_quantize_(x, obs.range_state(), *args, backend=obs.backend)[0]
+        self._update_qparams()
+        return out
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax, fp8 = self._target()
         axis = None if self.ch_axis is None else self.ch_axis % x.dim()
         args = (x, self.scale, self.zero_point, qmin, qmax, fp8, axis, self.observer.backend)
         if x.requires_grad and torch.is_grad_enabled():
@@ -256,5 +346,5 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"fake_quant_enabled={self._fake_quant_on}, observer_enabled={self._observer_on}, "
-            f"delayed={self.delayed}"
+            f"delayed={self.delayed}" + (", fused=True" if self.fused else "")
         )
