@@ -101,7 +101,8 @@ def prepare_qat(
             layer.input_fake_quant = make_act().to(device)
             setattr(layer, _HOOK, layer.register_forward_pre_hook(_input_hook))
         if make_w is not None and isinstance(getattr(layer, "weight", None), nn.Parameter):
-            parametrize.register_parametrization(layer, "weight", make_w().to(device))
+            # unsafe=True: no trial call at registration (it would observe the weight once more)
+            parametrize.register_parametrization(layer, "weight", make_w().to(device), unsafe=True)
     return model
 
 

@@ -328,25 +328,31 @@ def fake_quantize_(
     Returns:
         ``out`` shaped like ``x`` in its dtype, ``mask`` bool shaped like ``x``.
     """
+    # in place wherever it can be: on the CPU a fresh buffer costs its page faults, more than the op
     s = _per_channel_view(scale, x, ch_axis)
     if fp8_dtype is not None:
         m = torch.finfo(fp8_dtype).max
         y = x.float() / s
-        mask = y.abs() <= m
+        mask = y >= -m
+        mask &= y <= m  # |y| <= fp8_max; NaN: False
         out = y.clamp_(-m, m).to(fp8_dtype).float().mul_(s)
         return out.to(x.dtype), mask
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16 / bf16 -> float32 is exact
     inv = _per_channel_view(torch.ones_like(scale) / scale, x, ch_axis)
-    q = xf * inv  # float64 x: float64 (as C++ double * float)
+    if x.dtype in (torch.float32, torch.float64):
+        q = x * inv  # float64 x: float64 (as C++ double * float)
+    else:  # fp16 / bf16 -> float32 is exact; multiplied in float32 as torch's kernel does
+        q = x.float()
+        q *= inv
     q.round_()
     zp = _per_channel_view(zero_point, x, ch_axis).to(q.dtype)
     q += zp
-    out = q.clamp(quant_min, quant_max)  # NaN stays NaN
-    mask = torch.eq(out, q)  # quant_min <= q <= quant_max in one compare (NaN: False)
-    out -= zp
-    if out.dtype == torch.float64 and ch_axis is None:  # torch's per-tensor product is float32
-        out = out.float()
-    return out.mul_(s).to(x.dtype), mask
+    mask = q >= quant_min
+    mask &= q <= quant_max  # NaN: False
+    q.clamp_(quant_min, quant_max)  # NaN stays NaN
+    q -= zp
+    if q.dtype == torch.float64 and ch_axis is None:  # torch's per-tensor product is float32
+        q = q.float()
+    return q.mul_(s).to(x.dtype), mask
 
 
 def observe_fake_quantize_(

@@ -238,3 +238,111 @@ def test_compile_fullgraph():
         eager(x)
     for name in ("amax_history", "scale", "delayed_scale", "seen"):
         assert torch.equal(getattr(fresh, name), getattr(eager, name)), name
+
+
+# --- reduce_amax across ranks (gloo, 2 processes) ---------------------------------------------------------
+
+
+def _batch(step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(257, generator=g) * (1 + 3 * ((step + rank) % 2))
+    if step == 2 and rank == 0:
+        x[:] = float("nan")  # a rank with nothing finite this step
+    return x
+
+
+def _reduce_worker(rank: int, world: int, port: int, outdir: str) -> None:
+    import datetime
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        try:
+            reduced = mq.AmaxHistoryObserver(4, reduce_amax=True, backend="torch")
+            synced = mq.AmaxHistoryObserver(4, backend="torch")
+            for step in range(5):
+                reduced(_batch(step, rank))
+                synced(_batch(step, rank))
+                mq.sync_observers(synced)
+            out = {
+                n: (getattr(reduced, n).clone(), getattr(synced, n).clone())
+                for n in ("amax_history", "scale")
+            }
+        finally:
+            dist.destroy_process_group()
+        torch.save(out, Path(outdir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_reduce_amax_and_a_sync_every_step_are_transformer_engines_reduce_amax(tmp_path):
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    world = 2
+    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "mono_quant", __name__])
+    procs = [ctx.Process(target=_reduce_worker, args=(r, world, store.port, str(tmp_path)), daemon=True)
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    errors = "".join(f.read_text() for f in tmp_path.glob("*.err"))
+    assert not alive and not errors and all(p.exitcode == 0 for p in procs), errors
+    # one process that saw every rank's batch of each step
+    one = mq.AmaxHistoryObserver(4, backend="torch")
+    for step in range(5):
+        one(torch.cat([_batch(step, r) for r in range(world)]))
+    for r in range(world):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        for name, (reduced, synced) in out.items():
+            assert torch.equal(reduced, getattr(one, name)) and torch.equal(synced, getattr(one, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_one_launch_is_sync_free_graph_safe_and_equals_the_torch_path(dtype):
+    xs = [x.to(dtype).cuda() for x in batches("specials")] + [torch.randn(5_000_003, device="cuda").to(dtype)]
+    eager = mq.AmaxHistoryObserver(1024, backend="triton").cuda()
+    twin = mq.AmaxHistoryObserver(1024, backend="torch").cuda()
+    graphed = mq.AmaxHistoryObserver(1024, backend="triton").cuda()
+    static = torch.zeros_like(xs[-1])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graphed(static)  # compile the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graphed.reset()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            graphed(static)
+        for x in xs[-1:] * 3:
+            eager(x)
+            static.copy_(x)
+            g.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for x in xs[-1:] * 3:
+        twin(x)
+    for name in AmaxHistoryState._fields:
+        assert torch.equal(getattr(eager, name), getattr(twin, name)), name
+        assert torch.equal(getattr(graphed, name), getattr(twin, name)), name
+    for x in xs[:-1]:  # zeros, NaN, Inf, float32's limits
+        eager(x)
+        twin(x)
+    for name in AmaxHistoryState._fields:
+        assert torch.equal(getattr(eager, name), getattr(twin, name)), name

@@ -308,10 +308,15 @@ def test_torch_aos_fake_quantize_gives_the_same_and_its_fused_module_other_symme
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("delayed", [False, True])
-def test_cuda_graph_replay_gives_eager_results_without_a_sync(delayed):
-    eager = mq.FakeQuantize("moving_average", delayed=delayed).cuda()
-    graphed = mq.FakeQuantize("moving_average", delayed=delayed).cuda()
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"delayed": True}, {"delayed": True, "fused": True},
+     {"observer": "amax_history", "dtype": torch.float8_e4m3fn, "delayed": True, "fused": True},
+     {"observer": "per_channel", "ch_axis": 1, "num_channels": 256}],
+)  # fmt: skip
+def test_cuda_graph_replay_gives_eager_results_without_a_sync(kw):
+    eager = mq.FakeQuantize(**{"observer": "moving_average", **kw}).cuda()
+    graphed = mq.FakeQuantize(**{"observer": "moving_average", **kw}).cuda()
     xs = [x.cuda() for x in steps((512, 256), n=5)]
     eager(xs[0])
     static = xs[1].clone()
@@ -403,3 +408,19 @@ def test_fused_kernels_match_their_twins(target, dtype):
         b = reference.amax_history_fake_quantize_(x * i, want, "max", 2.0, 448.0, 1e-7, z, -128, 127, target)
         assert same_bits(a[0], b[0]) and torch.equal(a[1], b[1])
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_equal_the_torch_path(kw, dtype):
+    for extra in ({}, {"delayed": True, "fused": True}):
+        a = mq.FakeQuantize(backend="triton", **kw, **extra).cuda()
+        b = mq.FakeQuantize(backend="torch", **kw, **extra).cuda()
+        for x in steps((1000, 1003), n=3, dtype=dtype):
+            xa, xb = x.cuda().requires_grad_(), x.cuda().requires_grad_()
+            ya, yb = a(xa), b(xb)
+            assert same_bits(ya.detach(), yb.detach())
+            assert same_bits(torch.autograd.grad(ya.sum(), xa)[0], torch.autograd.grad(yb.sum(), xb)[0])
+        for p, q in zip(a.buffers(), b.buffers(), strict=True):
+            assert torch.equal(p, q)

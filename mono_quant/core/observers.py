@@ -225,6 +225,12 @@ class HistogramObserver(ObserverBase):
         return f"{extra}, {super().extra_repr()}"
 
 
+def _distributed(group) -> bool:
+    """Whether a process group of more than one rank is initialized (``reduce_amax``)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def _algo_name(algo) -> str:
     """How settings name an ``amax_compute_algo``: itself, or ``"callable:module.qualname"``."""
     if isinstance(algo, str):
@@ -257,6 +263,13 @@ class AmaxHistoryObserver(ObserverBase):
         margin: an int from 0 to 127 (default 0); FP8 only.
         dtype: ``torch.float8_e4m3fn`` (default), another FP8 dtype, or an integer one (symmetric).
         qscheme: ``"symmetric"`` or ``None``. eps, backend: as for ``MinMaxObserver``.
+        reduce_amax: TransformerEngine's ``reduce_amax``: after each step, the batch's amax is reduced with
+            MAX across the ranks of ``group`` (one ``all_reduce`` of 4 bytes, no host read) and the scale is
+            recomputed, so every rank holds the same history and scale. Every rank must step the observer
+            the same number of times (as for any collective). Off, or without an initialized process group
+            of more than one rank, nothing is communicated; ``sync_observers`` after a step does the same
+            with its checks (and host reads). A runtime option, like ``backend``: not among ``settings()``.
+        group: the process group of ``reduce_amax`` (default: the world).
 
     Raises:
         ValueError: bad ``history_len``, ``amax_compute_algo``, ``margin``, or ``qscheme="affine"``; a
@@ -272,6 +285,8 @@ class AmaxHistoryObserver(ObserverBase):
         margin: int = 0,
         dtype: torch.dtype = torch.float8_e4m3fn,
         qscheme=None,
+        reduce_amax: bool = False,
+        group=None,
         **kwargs,
     ):
         if isinstance(history_len, bool) or not isinstance(history_len, int) or history_len < 1:
@@ -286,6 +301,8 @@ class AmaxHistoryObserver(ObserverBase):
         super().__init__(dtype=dtype, qscheme="symmetric", margin=margin, **kwargs)
         self.history_len = history_len
         self.amax_compute_algo = amax_compute_algo
+        self.reduce_amax = bool(reduce_amax)
+        self.group = group
         empty = AmaxHistoryState.empty(history_len)
         for name in AmaxHistoryState._fields[len(RangeState._fields) :]:
             self.register_buffer(name, getattr(empty, name), persistent=name != "ticket")
@@ -342,9 +359,14 @@ class AmaxHistoryObserver(ObserverBase):
         consts = (self._multiplier, self._divisor, self.eps)
         if not callable(algo):
             amax_history_update_(x, state, algo, *consts, backend=self.backend)
-            return
-        amax_history_update_(x, state, "none", *consts, backend=self.backend)
-        self.scale.copy_(amax_scale(self._call_algo(), self.scale, *consts))
+        else:
+            amax_history_update_(x, state, "none", *consts, backend=self.backend)
+            self.scale.copy_(amax_scale(self._call_algo(), self.scale, *consts))
+        if self.reduce_amax and _distributed(self.group):
+            # the older slots agree already; MAX of the newest, then the scale of the reduced history (where
+            # the reduced amax is 0 every rank's amax was 0 and the scale stayed on every rank)
+            torch.distributed.all_reduce(self.amax_history[:1], torch.distributed.ReduceOp.MAX, self.group)
+            self._merged()
 
     def _call_algo(self) -> torch.Tensor:
         amax = self.amax_compute_algo(self.amax_history)

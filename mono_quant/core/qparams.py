@@ -318,7 +318,8 @@ def calculate_qparams(
         scale = fp8_scale(torch.maximum(-min_neg, max_pos), spec)
         return scale, torch.zeros_like(min_val, dtype=torch.int32)
     qmin, qmax = spec.qmin, spec.qmax
-    eps = torch.tensor(spec.eps, dtype=torch.float32, device=min_val.device)
+    # a fill, not a copy from the host: no synchronization, and CUDA-graph capturable (FakeQuantize)
+    eps = torch.full((), spec.eps, dtype=torch.float32, device=min_val.device)
     if spec.qscheme == "symmetric":
         amax = torch.maximum(-min_neg, max_pos)
         scale = torch.maximum(amax / (float(qmax - qmin) / 2), eps)
