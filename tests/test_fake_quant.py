@@ -185,9 +185,10 @@ class _Net(nn.Module):
     def __init__(self, delayed):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
-        kw = {"backend": "torch", "delayed": delayed}
-        self.q1 = mq.FakeQuantize("moving_average", **kw)
-        self.q2 = mq.FakeQuantize("amax_history", dtype=torch.float8_e4m3fn, history_len=4, **kw)
+        kw = {"backend": "torch", "delayed": bool(delayed)}
+        fused = {"fused": delayed == "fused"}
+        self.q1 = mq.FakeQuantize("moving_average", **kw, **fused)
+        self.q2 = mq.FakeQuantize("amax_history", dtype=torch.float8_e4m3fn, history_len=4, **kw, **fused)
         self.qw = mq.FakeQuantize("per_channel", ch_axis=0, num_channels=32, qscheme="symmetric", **kw)
 
     def forward(self, x):
@@ -196,7 +197,7 @@ class _Net(nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delayed", [False, True])
+@pytest.mark.parametrize("delayed", [False, True, "fused"])
 def test_compile_fullgraph_forward_and_backward_match_eager(delayed):
     torch._dynamo.reset()
     eager, fresh = _Net(delayed), _Net(delayed)
