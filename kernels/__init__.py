@@ -9,3 +9,15 @@ from .histogram import histogram_update_
 from .minmax import minmax_per_channel_update_, minmax_update_
 
 __all__ = ["histogram_update_", "minmax_per_channel_update_", "minmax_update_"]
+
+from .amax import amax_history_update_  # noqa: E402
+
+__all__ += ["amax_history_update_"]
+
+from .fake_quant import fake_quantize_  # noqa: E402
+
+__all__ += ["fake_quantize_"]
+
+from .fake_quant import amax_history_fake_quantize_, observe_fake_quantize_  # noqa: E402
+
+__all__ += ["amax_history_fake_quantize_", "observe_fake_quantize_"]

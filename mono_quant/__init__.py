@@ -8,6 +8,8 @@ ops, with the same results. ``import mono_quant`` needs neither triton nor matpl
 from mono_quant._version import __version__
 from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
 from mono_quant.core import (
+    AmaxHistoryObserver,
+    FakeQuantize,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -24,11 +26,14 @@ from mono_quant.core import (
     sqnr,
 )
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
+from mono_quant.qat import fake_quantizers, prepare_qat, remove_qat
 from mono_quant.state import HistogramState, RangeState, merge_histograms
 
 __all__ = [
+    "AmaxHistoryObserver",
     "CalibrationResult",
     "ExperimentalWarning",
+    "FakeQuantize",
     "HistogramObserver",
     "HistogramState",
     "MinMaxObserver",
@@ -43,12 +48,15 @@ __all__ = [
     "create_observer",
     "dequantize",
     "fake_quantize",
+    "fake_quantizers",
     "merge_histograms",
     "merge_observers",
     "merge_state_dicts",
+    "prepare_qat",
     "quant_range",
     "quantization_sqnr",
     "quantize",
+    "remove_qat",
     "run_calibration",
     "sqnr",
     "sync_observers",

@@ -129,14 +129,15 @@ def torch_ao():
 
 
 def torch_ao_observer(kind: str, **overrides) -> torch.nn.Module | None:
-    """torch.ao's observer of ``kind`` (a registry name), ``None`` where torch.ao is not importable.
+    """torch.ao's observer of ``kind`` (a registry name), ``None`` where torch.ao is not importable or has
+    no counterpart.
 
     Raises:
         ValueError: unknown ``kind``.
     """
     _, _, ao_name, kwargs = _kind(kind)
     ao = torch_ao()
-    if ao is None:
+    if ao is None or ao_name is None:
         return None
     with _quiet():
         return getattr(ao, ao_name)(**{**kwargs, **overrides})
@@ -152,13 +153,13 @@ def mono_observer(kind: str, backend: str = "torch", **overrides) -> ObserverBas
     return cls(backend=backend, **{**kwargs, **preset, **overrides})
 
 
-def _kind(kind: str) -> tuple[type[ObserverBase], dict, str, dict]:
-    """``(class, the name's preset keywords, torch.ao class name, keywords shared with torch.ao)``."""
+def _kind(kind: str) -> tuple[type[ObserverBase], dict, str | None, dict]:
+    """``(class, the name's preset keywords, torch.ao class name or None, keywords shared with torch.ao)``."""
     cls, preset = OBSERVERS[observer_kind(kind)]
     for mono_cls, ao_name, kwargs in KINDS.values():
         if mono_cls is cls:
             return cls, preset, ao_name, kwargs
-    raise ValueError(f"observer {kind!r} has no torch.ao counterpart to time it against")
+    return cls, preset, None, {}  # no torch.ao counterpart (amax_history): timed without a baseline
 
 
 def triton_skip_reason(device: torch.device | str) -> str | None:

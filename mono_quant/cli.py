@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 from mono_quant.args import (
     CLIError,
     Parser,
+    observer_choices,
     one_line,
     positive_int,
     thread_count,
@@ -36,10 +38,10 @@ from mono_quant.cli_inputs import (
     read_batches,
     timing_line,
 )
+from mono_quant.compare import DTYPES
 
 __all__ = ["EXIT_BROKEN_PIPE", "CLIError", "main"]
 
-DTYPE_NAMES = ("int8", "uint8", "int4", "uint4")
 QSCHEMES = ("affine", "symmetric")
 # stdout closed early (``mono-quant calibrate | head -5``): exit quietly with the status a Unix tool killed
 # by SIGPIPE reports in a shell (128 + 13), so ``set -o pipefail`` still sees that the output was cut
@@ -57,9 +59,7 @@ observers (--observer, comma-separated; default all: minmax,moving_average,kl,ms
   histogram       the histogram with its default method, kl
   moving_average_per_channel
                   per-channel moving average (averaging_constant 0.01)
-  all names: minmax, moving_average, histogram, kl, mse, percentile, per_channel,
-  moving_average_per_channel (aliases: ema, per_channel_minmax; class names such as HistogramObserver
-  work too): the names of mono_quant.create_observer
+@NAMES@
 
 output: per layer and observer, the clip range the qparams represent, scale, zero point, the SQNR (dB) of
 the layer's input on a held-out batch fake-quantized with them (higher is better; * marks the best of the
@@ -105,6 +105,11 @@ examples:
 """
 
 
+def _all_names() -> str:
+    text = f"all names: {observer_choices()}: the names of mono_quant.create_observer"
+    return textwrap.fill(text, width=104, initial_indent="  ", subsequent_indent="  ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mono-quant`` argument parser (subcommands ``calibrate`` and ``bench``)."""
     from mono_quant._version import __version__
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="calibrate a model (default: the built-in demo) and compare the observers layer by layer",
         description="Calibrate a model's layer inputs with several observers and compare them per layer.",
-        epilog=_CALIBRATE_EPILOG,
+        epilog=_CALIBRATE_EPILOG.replace("@NAMES@", _all_names()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cal.add_argument(
@@ -128,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="observer names, comma-separated, or 'all' (default; the first six of the list below)",
     )
-    cal.add_argument("--dtype", default="int8", choices=DTYPE_NAMES, help="quantized type (default int8)")
-    cal.add_argument("--qscheme", default="affine", choices=QSCHEMES, help="default affine")
+    cal.add_argument("--dtype", default="int8", choices=list(DTYPES), help="quantized type (default int8)")
+    cal.add_argument(
+        "--qscheme",
+        default=None,
+        choices=QSCHEMES,
+        help="default: affine (integers), symmetric (FP8)",
+    )
     cal.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps"
     )
@@ -239,6 +249,11 @@ def _compare(args, threads: int) -> int:
         raise error(f"--model {name}: {e}") from None
 
     dtype = compare.DTYPES[args.dtype]
+    for kind in kinds:  # settings an observer refuses (affine FP8, ...) end here, before any calibration
+        try:
+            compare.make_observer(kind, dtype, args.qscheme)
+        except ValueError as e:
+            raise error(f"--observer {kind} with --dtype {args.dtype}: {e}") from None
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     try:
@@ -252,7 +267,7 @@ def _compare(args, threads: int) -> int:
     wrote, failed = _write_outputs(args, cmp, model, held_out, device, name)
 
     if not args.quiet:
-        print(f"{what}: {source}; {args.dtype} {args.qscheme}; {device}")
+        print(f"{what}: {source}; {args.dtype} {cmp.qscheme}; {device}")
         print("SQNR: held-out layer input fake-quantized with each observer's qparams, dB (higher is better)")
         print()
     print(compare.format_table(cmp))

@@ -31,7 +31,7 @@ from mono_quant.calibration.engine import (
     target_modules,
 )
 from mono_quant.core.base import ObserverBase
-from mono_quant.core.qparams import quantization_sqnr
+from mono_quant.core.qparams import QuantSpec, quantization_sqnr
 from mono_quant.core.registry import create_observer
 
 __all__ = [
@@ -59,6 +59,10 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int4": torch.int4,
     "uint4": torch.uint4,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "fp8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "fp8_e5m2fnuz": torch.float8_e5m2fnuz,
 }
 
 
@@ -66,7 +70,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def make_observer(
-    kind: str, dtype: torch.dtype, qscheme: str, module: nn.Module | None = None
+    kind: str, dtype: torch.dtype, qscheme: str | None, module: nn.Module | None = None
 ) -> ObserverBase:
     """A fresh observer of ``kind`` (a registry name) for the input of ``module``: a per-channel one along
     the layer's channel axis.
@@ -78,6 +82,18 @@ def make_observer(
     if obs.ch_axis is not None:
         obs = create_observer(kind, dtype=dtype, qscheme=qscheme, ch_axis=channel_axis(module))
     return obs
+
+
+def _clip_range(spec: QuantSpec, scale: torch.Tensor, zp: torch.Tensor) -> tuple[float, float]:
+    """The outermost values the qparams represent: ``(qmin - zp) * scale`` to ``(qmax - zp) * scale``, or
+    ``+-fp8_max * scale`` for FP8 (per channel: the outermost of the channels)."""
+    if spec.is_fp8:
+        qmin, qmax = -spec.fp8_max, spec.fp8_max
+    else:
+        qmin, qmax = spec.qmin, spec.qmax
+    lo = float(((qmin - zp.to(torch.float64)) * scale).min())
+    hi = float(((qmax - zp.to(torch.float64)) * scale).max())
+    return lo, hi
 
 
 # --- calibration -----------------------------------------------------------------------------------------
@@ -228,10 +244,12 @@ def score_observers(
             t0 = time.perf_counter()
             scale, zp = obs.calculate_qparams()
             elapsed = seconds[layer][kind] + time.perf_counter() - t0
-            qmin, qmax = obs.spec.qmin, obs.spec.qmax
-            lo = float(((qmin - zp.to(torch.float64)) * scale).min())
-            hi = float(((qmax - zp.to(torch.float64)) * scale).max())
-            db = float(quantization_sqnr(x, scale, zp, qmin, qmax, obs.ch_axis)) if measurable else None
+            lo, hi = _clip_range(obs.spec, scale, zp)
+            db = (
+                float(quantization_sqnr(x, scale, zp, ch_axis=obs.ch_axis, dtype=obs.dtype))
+                if measurable
+                else None
+            )
             if db is not None and math.isnan(db):
                 db = None
             scores[layer][kind] = Score(layer, kind, obs, scale.cpu(), zp.cpu(), lo, hi, db, elapsed)
@@ -244,7 +262,7 @@ def compare_observers(
     held_out,
     kinds: Sequence[str] = COMPARED,
     dtype: torch.dtype = torch.int8,
-    qscheme: str = "affine",
+    qscheme: str | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "",
@@ -256,7 +274,8 @@ def compare_observers(
             are observed.
         calibration: the calibration batches. held_out: one batch, for the SQNR.
         kinds: registry names. dtype: ``torch.int8`` / ``uint8`` / ``int4`` / ``uint4``.
-        qscheme: ``"affine"`` or ``"symmetric"``. progress: tqdm bar over the calibration batches.
+        qscheme: ``"affine"``, ``"symmetric"`` or ``None`` (affine for integer types, symmetric for FP8).
+        progress: tqdm bar over the calibration batches.
 
     Returns:
         ``Comparison``.
@@ -270,7 +289,8 @@ def compare_observers(
     scores = score_observers(observers, seconds, inputs)
     unmeasured = {layer: unmeasurable(inputs.get(layer)) for layer in scores}
     unmeasured = {layer: why for layer, why in unmeasured.items() if why is not None}
-    return Comparison(scores, dtype, qscheme, len(calibration), description, unmeasured)
+    resolved = QuantSpec(dtype, qscheme).qscheme
+    return Comparison(scores, dtype, resolved, len(calibration), description, unmeasured)
 
 
 # --- output ----------------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ module only carries the rules out. Per buffer:
 
 - ``"min"`` / ``"max"`` / ``"sum"``: elementwise (``running_min``, ``running_max``, ``seen``). Exact: equal to
   one process that saw all the data.
+- ``"history_max"``: elementwise MAX of a buffer of fixed shape (``AmaxHistoryObserver.amax_history``), and
+  ``"derived"``: not reduced, recomputed by the observer from the merged buffers (``_merged``: the scale of
+  the merged history). Called after every step, a sync is TransformerEngine's ``reduce_amax``: the ranks'
+  latest amaxes are reduced with MAX (the older slots agree already) and every rank takes the same scale;
+  ``seen`` is summed at every call, though, so it counts earlier steps again (``AmaxHistoryObserver(
+  reduce_amax=True)`` reduces only the amax, in one small collective per step, without host reads).
 - ``"grid"`` and ``"counts"`` (histograms): every source moves its counts exactly onto the canonical grid of
   the *merged* range (``mono_quant.grid.regrid_to_range``: the grid is a function of the range only) and the
   counts are summed. Exact: the grid, the counts and so the qparams of every method are

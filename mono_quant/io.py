@@ -3,7 +3,8 @@
 - ``save_qparams`` (strict JSON, RFC 8259)::
 
       {"format": "mono_quant.qparams", "version": 2, "mono_quant_version": str, "model": str,
-       "dtype": "int8", "qscheme": "affine", "qmin": int, "qmax": int, "calibration_batches": int,
+       "dtype": "int8", "qscheme": "affine", "qmin": int, "qmax": int (FP8: "fp8_max": float instead),
+       "calibration_batches": int,
        "layers": {layer: {"best": kind | null, "observers": {kind: {
            "observer": class name, "settings": {constructor keywords}, "dtype": str, "qscheme": str,
            "ch_axis": int | null, "scale": float | [float], "zero_point": int | [int],
@@ -47,7 +48,7 @@ import torch
 
 from mono_quant._version import __version__
 from mono_quant.core.base import ObserverBase
-from mono_quant.core.qparams import dtype_from_name, dtype_name, quant_range
+from mono_quant.core.qparams import dtype_from_name, dtype_name, fp8_max, is_fp8, quant_range
 from mono_quant.core.registry import OBSERVERS, create_observer, observer_name
 from mono_quant.grid import E_MAX, E_MIN, bin_index, canonical_grid
 from mono_quant.state import Seen
@@ -219,13 +220,20 @@ def _json_ints(t: torch.Tensor):
     return int(t) if t.dim() == 0 else [int(v) for v in t.tolist()]
 
 
+def _code_range(dtype: torch.dtype) -> dict:
+    """What a qparams file says of the codes: ``qmin`` / ``qmax``, or ``fp8_max`` for FP8."""
+    if is_fp8(dtype):
+        return {"fp8_max": fp8_max(dtype)}
+    qmin, qmax = quant_range(dtype)
+    return {"qmin": qmin, "qmax": qmax}
+
+
 def qparams_json(cmp, model: str = "") -> str:
     """The ``save_qparams`` document of a comparison, as strict JSON text (layout in the module docstring).
 
     Args:
         cmp: a ``mono_quant.compare.Comparison``.
     """
-    qmin, qmax = quant_range(cmp.dtype)
     out = {
         "format": QPARAMS_FORMAT,
         "version": QPARAMS_VERSION,
@@ -233,8 +241,7 @@ def qparams_json(cmp, model: str = "") -> str:
         "model": model,
         "dtype": dtype_name(cmp.dtype),
         "qscheme": cmp.qscheme,
-        "qmin": qmin,
-        "qmax": qmax,
+        **_code_range(cmp.dtype),
         "calibration_batches": cmp.batches,
         "layers": {},
     }
@@ -362,13 +369,14 @@ def load_qparams(path: str) -> dict[str, dict[str, tuple[torch.Tensor, torch.Ten
         raise StateFileError(
             path, f"dtype {doc.get('dtype')!r} is not a quantized dtype name", key="dtype"
         ) from None
-    qmin, qmax = quant_range(dtype)
-    if (doc.get("qmin"), doc.get("qmax")) != (qmin, qmax):
+    want = _code_range(dtype)
+    if {k: doc.get(k) for k in want} != want:
+        keys = " / ".join(want)
+        got = " / ".join(repr(doc.get(k)) for k in want)
         raise StateFileError(
-            path,
-            f"qmin / qmax {doc.get('qmin')!r} / {doc.get('qmax')!r} are not {dtype_name(dtype)}'s "
-            f"{qmin} / {qmax}",
+            path, f"{keys} {got} are not {dtype_name(dtype)}'s {' / '.join(str(v) for v in want.values())}"
         )
+    qmin, qmax = (want["qmin"], want["qmax"]) if "qmin" in want else (0, 0)  # FP8: zero point 0
     out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for layer, entry in _expect_dict(path, doc.get("layers"), "'layers'").items():
         entry = _expect_dict(path, entry, "a layer entry", layer=layer)

@@ -156,11 +156,15 @@ def _padded(t: torch.Tensor, size: int, fill: float, device) -> torch.Tensor:
 
 
 def _pack_minmax(src: Entries, channels: list[int], device) -> torch.Tensor:
-    """float32: every "min" buffer, then every negated "max" buffer (reduced by MIN)."""
+    """float32: every "min" buffer, then every negated "max" and "history_max" buffer (reduced by MIN)."""
     parts = []
     for sign, rule, fill in ((1, "min", float("inf")), (-1, "max", float("-inf"))):
         for (_, obs), c in zip(src, channels, strict=True):
             parts += [sign * _padded(obs._buffers[b], c, fill, device) for b in _buffers(obs, rule)]
+    for _, obs in src:
+        parts += [
+            -obs._buffers[b].reshape(-1).to(device, torch.float32) for b in _buffers(obs, "history_max")
+        ]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32, device=device)
 
 
@@ -174,6 +178,11 @@ def _unpack_minmax(
             for b in _buffers(obs, rule):
                 out[i, b] = (sign * reduced[offset : offset + c]).reshape(_shape(obs, c))
                 offset += c
+    for i, (_, obs) in enumerate(entries):
+        for b in _buffers(obs, "history_max"):
+            n = obs._buffers[b].numel()
+            out[i, b] = (-reduced[offset : offset + n]).reshape(obs._buffers[b].shape)
+            offset += n
     return out
 
 
@@ -273,3 +282,5 @@ def merge(sources: list[Entries], targets: Entries, reduce: Reduce, gather: Gath
         offset += n
     for (i, b), value in merged.items():
         _set(targets[i][1], b, value)
+    for _, obs in targets:  # what derives from the merged buffers ("derived")
+        obs._merged()

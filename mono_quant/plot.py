@@ -37,6 +37,7 @@ OBSERVER_COLORS = {
     "percentile": "tab:purple",
     "per_channel": "tab:brown",
     "moving_average_per_channel": "tab:pink",
+    "amax_history": "tab:cyan",
 }
 
 

@@ -23,7 +23,7 @@ from mono_quant.args import observer_kind
 
 
 def compare_make(name):
-    return cli_compare.make_observer(name, torch.int8, "affine", torch.nn.Linear(1, 1))
+    return cli_compare.make_observer(name, torch.int8, None, torch.nn.Linear(1, 1))
 
 
 TESTS = Path(__file__).parent
@@ -586,5 +586,38 @@ def test_calibrate_bench_and_create_observer_take_the_same_names(capsys):
         assert cli_inputs.observer_kinds(name) == [observer_kind(name)]
         assert type(compare_make(name)) is expected, name
         assert type(bench.mono_observer(name)) is expected, name
-        assert bench.torch_ao_observer(name) is not None or bench.torch_ao() is None
+        counterpart = observer_kind(name) != "amax_history"  # TransformerEngine's recipe: torch.ao has none
+        assert (bench.torch_ao_observer(name) is not None) == counterpart or bench.torch_ao() is None
     assert set(report.OBSERVER_KINDS) <= set(OBSERVERS)  # what "all" compares
+
+
+# --- FP8 targets through the command --------------------------------------------------------------------
+
+
+def test_fp8_calibration_is_symmetric_and_saves_fp8_max(tmp_path, capsys):
+    from mono_quant import io
+
+    out = tmp_path / "q.json"
+    code, text, err = _main(
+        capsys, "calibrate", "--dtype", "fp8_e4m3", "--observer", "minmax,amax_history,per_channel",
+        "--batches", "2", "--save", str(out), "--save-state", str(tmp_path / "s.pt"), "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["dtype"] == "float8_e4m3fn" and doc["qscheme"] == "symmetric" and doc["fp8_max"] == 448.0
+    assert "qmin" not in doc
+    entry = next(iter(doc["layers"].values()))["observers"]["minmax"]
+    lo, hi = entry["range"]
+    assert lo == -hi and math.isclose(hi, 448.0 * entry["scale"], rel_tol=1e-6)
+    loaded = io.load_qparams(str(out))
+    assert all(int(zp.abs().max()) == 0 for row in loaded.values() for _, zp in row.values())
+    state = io.load_state(str(tmp_path / "s.pt"))
+    assert state["amax_history"] and next(iter(state["minmax"].values())).dtype == torch.float8_e4m3fn
+
+
+def test_affine_fp8_is_one_line_before_calibrating(capsys):
+    code, _, err = _main(
+        capsys, "calibrate", "--dtype", "fp8_e5m2", "--qscheme", "affine", "--observer", "minmax"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--observer minmax with --dtype fp8_e5m2" in err and "affine" in err

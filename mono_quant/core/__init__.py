@@ -1,6 +1,8 @@
 """Observers, the quantization-parameter arithmetic and the threshold searches."""
 
+from mono_quant.core.fake_quant import FakeQuantize
 from mono_quant.core.observers import (
+    AmaxHistoryObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -21,8 +23,10 @@ from mono_quant.core.qparams import (
 from mono_quant.core.registry import OBSERVERS, ExperimentalWarning, create_observer
 
 __all__ = [
+    "AmaxHistoryObserver",
     "OBSERVERS",
     "ExperimentalWarning",
+    "FakeQuantize",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",

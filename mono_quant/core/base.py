@@ -33,7 +33,8 @@ _EPS = torch.finfo(torch.float32).eps
 
 # How a buffer merges (``mono_quant.distributed``): "min" / "max" / "sum" elementwise; "ema" the mean of
 # the sources' moving averages weighted by the batches each observed; "grid" the canonical grid of the
-# merged range; "counts" histogram counts moved onto that grid and added.
+# merged range; "counts" histogram counts moved onto that grid and added; "history_max" elementwise MAX of a
+# fixed-shape buffer; "derived" recomputed by the observer's ``_merged`` from the merged buffers.
 RANGE_RULES = {"running_min": "min", "running_max": "max", "seen": "sum"}
 EMA_RULES = {"running_min": "ema", "running_max": "ema", "seen": "sum"}
 
@@ -61,13 +62,14 @@ class ObserverBase(nn.Module):
     def __init__(
         self,
         dtype: torch.dtype = torch.qint8,
-        qscheme="affine",
+        qscheme=None,
         reduce_range: bool = False,
         eps: float = _EPS,
         backend: str = "auto",
+        margin: int = 0,
     ):
         super().__init__()
-        self.spec = QuantSpec(dtype, qscheme, reduce_range, eps)
+        self.spec = QuantSpec(dtype, qscheme, reduce_range, eps, margin)
         self.backend = check_backend(backend)
         channels = None if self.ch_axis is None else (self.num_channels or 0,)
         for name, buf in zip(RangeState._fields, RangeState.empty(channels or ()), strict=True):
@@ -78,6 +80,7 @@ class ObserverBase(nn.Module):
     qscheme = property(lambda self: self.spec.qscheme)
     reduce_range = property(lambda self: self.spec.reduce_range)
     eps = property(lambda self: self.spec.eps)
+    margin = property(lambda self: self.spec.margin)
 
     def settings(self) -> dict:
         """The constructor keywords that rebuild this observer (``backend`` aside)."""
@@ -87,6 +90,8 @@ class ObserverBase(nn.Module):
             "reduce_range": self.reduce_range,
             "eps": self.eps,
         }
+        if self.spec.is_fp8:  # integer observers save the settings they saved before FP8 existed
+            out["margin"] = self.margin
         if self.averaging_constant is not None:
             out["averaging_constant"] = self.averaging_constant
         if self.ch_axis is not None:
@@ -182,6 +187,9 @@ class ObserverBase(nn.Module):
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_min, self.running_max
+
+    def _merged(self) -> None:
+        """Recompute the buffers whose rule is ``"derived"`` once the others are merged (none here)."""
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _check_finite_seen(self) -> None:
@@ -298,6 +306,8 @@ class ObserverBase(nn.Module):
             parts.append("reduce_range=True")
         if self.eps != _EPS:
             parts.append(f"eps={self.eps}")
+        if self.margin:
+            parts.append(f"margin={self.margin}")
         if self.ch_axis is not None:
             parts.append(f"ch_axis={self.ch_axis}")
         if self.averaging_constant is not None:

@@ -25,6 +25,18 @@ Deliberate differences: per-tensor results are 0-d (torch.ao returns shape ``(1,
 than float32 can hold (``max_pos - min_neg`` overflows near 3.4e38) is divided before it is subtracted,
 so the scale stays finite; zero points are always int32; and symmetric unsigned with ``reduce_range``,
 which torch.ao refuses, is allowed. A constant input gives ``scale = eps``.
+
+FP8 (``torch.float8_e4m3fn`` / ``float8_e5m2`` / ``float8_e4m3fnuz`` / ``float8_e5m2fnuz``, largest finite
+values ``fp8_max`` 448 / 57344 / 240 / 57344) is symmetric, with a ``margin`` of powers of two kept free::
+
+    amax       = max(-min_neg, max_pos)            # of the finite values
+    scale      = clamp(amax * 2**margin / fp8_max, eps, float32 max)
+    zero_point = 0
+
+in float32 (where ``amax * 2**margin`` overflows, ``amax / fp8_max * 2**margin``: the same value when it is
+finite). FP8 quantization is ``x / scale`` saturated to ``+-fp8_max``, then the round-to-nearest-even cast of
+``Tensor.to(float8)``; NaN stays NaN. The scale is the reciprocal of torchao's float8 scale
+(``amax_to_scale`` returns ``fp8_max / amax``).
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "FP8_DTYPES",
+    "INTEGER_DTYPES",
     "QuantSpec",
     "SUPPORTED_DTYPES",
     "calculate_qparams",
@@ -41,6 +55,8 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "fake_quantize",
+    "fp8_max",
+    "is_fp8",
     "quant_range",
     "quantization_sqnr",
     "quantize",
@@ -59,20 +75,61 @@ for _name, _rng in (("int4", (-8, 7)), ("uint4", (0, 15))):
     if hasattr(torch, _name):
         _RANGES[getattr(torch, _name)] = _rng
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_RANGES)
+INTEGER_DTYPES: tuple[torch.dtype, ...] = tuple(_RANGES)
+
+# float8 dtype -> largest finite value (torch.finfo(dtype).max), smallest normal exponent, mantissa bits
+_FP8: dict[torch.dtype, tuple[float, int, int]] = {}
+for _name, _fmt in (
+    ("float8_e4m3fn", (448.0, -6, 3)),
+    ("float8_e5m2", (57344.0, -14, 2)),
+    ("float8_e4m3fnuz", (240.0, -7, 3)),
+    ("float8_e5m2fnuz", (57344.0, -15, 2)),
+):
+    if hasattr(torch, _name):
+        _FP8[getattr(torch, _name)] = _fmt
+FP8_DTYPES: tuple[torch.dtype, ...] = tuple(_FP8)
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = INTEGER_DTYPES + FP8_DTYPES
+# the short names of the CLI (``--dtype fp8_e4m3``), accepted by dtype_from_name
+_FP8_ALIASES = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "fp8_e4m3fnuz": "float8_e4m3fnuz",
+                "fp8_e5m2fnuz": "float8_e5m2fnuz"}  # fmt: skip
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of the float8 ``FP8_DTYPES``."""
+    return dtype in _FP8
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of a float8 dtype (448, 57344, 240, 57344).
+
+    Raises:
+        ValueError: ``dtype`` is not one of ``FP8_DTYPES``.
+    """
+    if dtype not in _FP8:
+        names = ", ".join(str(d) for d in FP8_DTYPES)
+        raise ValueError(f"dtype={dtype} is not a float8 dtype; use one of: {names}")
+    return _FP8[dtype][0]
+
+
+def fp8_format(dtype: torch.dtype) -> tuple[float, int, int]:
+    """``(fp8_max, smallest normal exponent, mantissa bits)`` of a float8 dtype (the kernels' rounding)."""
+    fp8_max(dtype)
+    return _FP8[dtype]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``"qint8"``, ``"int4"``, ...: how saved files name a quantized dtype."""
+    """``"qint8"``, ``"int4"``, ``"float8_e4m3fn"``, ...: how saved files name a quantized dtype."""
     return str(dtype).removeprefix("torch.")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """The quantized dtype a saved file names (``dtype_name``).
+    """The quantized dtype a saved file names (``dtype_name``; ``"fp8_e4m3"`` and the other short FP8 names
+    of the CLI are accepted too).
 
     Raises:
         ValueError: not the name of one of ``SUPPORTED_DTYPES``.
     """
+    name = _FP8_ALIASES.get(name, name)
     for dtype in SUPPORTED_DTYPES:
         if dtype_name(dtype) == name:
             return dtype
@@ -110,8 +167,14 @@ def quant_range(dtype: torch.dtype, reduce_range: bool = False) -> tuple[int, in
     """The integer range ``(qmin, qmax)`` of a quantized dtype.
 
     Raises:
-        ValueError: for a dtype that is not one of ``SUPPORTED_DTYPES``.
+        ValueError: for a dtype that is not one of ``INTEGER_DTYPES`` (FP8 has no integer range: see
+            ``fp8_max``).
     """
+    if dtype in _FP8:
+        raise ValueError(
+            f"dtype={dtype} is a float8 dtype and has no integer range; use fp8_max({dtype}) or pass "
+            "dtype= to quantize / dequantize / fake_quantize"
+        )
     if dtype not in _RANGES:
         names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise ValueError(f"dtype={dtype} is not a supported quantized dtype; use one of: {names}")
@@ -121,24 +184,76 @@ def quant_range(dtype: torch.dtype, reduce_range: bool = False) -> tuple[int, in
     return qmin, qmax
 
 
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_margin(margin) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 127:
+        raise ValueError(
+            f"margin={margin!r} must be an int from 0 to 127 (the scale is multiplied by 2**margin, a float)"
+        )
+    return margin
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """What turns a range into qparams: dtype, scheme, range reduction and the smallest scale."""
+    """What turns a range into qparams: dtype, scheme, range reduction, the smallest scale and the FP8 margin.
+
+    Args:
+        dtype: one of ``SUPPORTED_DTYPES``: the integer types or the float8 types.
+        qscheme: ``"affine"`` / ``"symmetric"`` (or a ``torch.per_*`` constant); ``None`` (default): affine
+            for the integer types, symmetric for FP8.
+        reduce_range: drop one bit of the integer range (integer types only).
+        eps: the smallest scale, a normal float32.
+        margin: FP8 only: the scale is ``2**margin`` times the one that maps ``amax`` to ``fp8_max``
+            (TransformerEngine's margin), an int from 0 to 127.
+
+    Raises:
+        ValueError: an unsupported dtype, qscheme or eps; an affine, ``reduce_range`` or bad ``margin`` FP8
+            spec; a ``margin`` other than 0 for an integer type.
+    """
 
     dtype: torch.dtype = torch.qint8
-    qscheme: str = "affine"
+    qscheme: str | None = None
     reduce_range: bool = False
     eps: float = torch.finfo(torch.float32).eps
+    margin: int = 0
 
     def __post_init__(self):
-        quant_range(self.dtype)  # validates the dtype
-        object.__setattr__(self, "qscheme", resolve_qscheme(self.qscheme))
+        if self.dtype not in _FP8:
+            quant_range(self.dtype)  # validates the dtype
+        fp8 = self.dtype in _FP8
+        qscheme = ("symmetric" if fp8 else "affine") if self.qscheme is None else self.qscheme
+        object.__setattr__(self, "qscheme", resolve_qscheme(qscheme))
+        if fp8 and self.qscheme == "affine":
+            raise ValueError(
+                f"qscheme={self.qscheme!r} with dtype={self.dtype}: FP8 quantization is symmetric "
+                "(zero point 0); use qscheme='symmetric' or leave qscheme unset"
+            )
+        if fp8 and self.reduce_range:
+            raise ValueError(
+                f"reduce_range=True drops a bit of an integer range; dtype={self.dtype} has none"
+            )
+        _check_margin(self.margin)
+        if not fp8 and self.margin != 0:
+            raise ValueError(
+                f"margin={self.margin!r} is for the FP8 dtypes; dtype={self.dtype} takes margin=0"
+            )
         # the smallest scale must itself be a usable float32 scale: positive, normal and finite
         eps, tiny, big = self.eps, torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not tiny <= eps <= big:
             raise ValueError(
                 f"eps={eps!r} must be a number from {tiny:.4g} (the smallest normal float32) to {big:.4g}"
             )
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in _FP8
+
+    @property
+    def fp8_max(self) -> float:
+        """The largest finite value of the FP8 dtype (``ValueError`` for an integer one)."""
+        return fp8_max(self.dtype)
 
     @property
     def qmin(self) -> int:
@@ -149,8 +264,37 @@ class QuantSpec:
         return quant_range(self.dtype, self.reduce_range)[1]
 
     @property
+    def levels(self) -> int:
+        """Values the target can hold: ``qmax - qmin + 1``; for FP8 its finite values (the histogram searches
+        model them as that many evenly spaced levels: an approximation, FP8 spacing grows with magnitude)."""
+        if self.is_fp8:
+            return _fp8_levels(self.dtype)
+        return self.qmax - self.qmin + 1
+
+    @property
     def signed(self) -> bool:
-        return quant_range(self.dtype)[0] < 0
+        return self.is_fp8 or quant_range(self.dtype)[0] < 0
+
+
+def _fp8_levels(dtype: torch.dtype) -> int:
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    return int(torch.unique(values[torch.isfinite(values)]).numel())
+
+
+def fp8_scale(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``clamp(amax * 2**margin / fp8_max, eps, float32 max)`` in float32 (see the module docstring).
+
+    Args:
+        amax: float32 tensor of any shape, ``>= 0``.
+        spec: an FP8 spec.
+
+    Returns:
+        float32 scales shaped like ``amax``.
+    """
+    m, f = float(2**spec.margin), spec.fp8_max
+    scale = amax * m / f
+    scale = torch.where(torch.isinf(scale), amax / f * m, scale)
+    return scale.clamp(min=spec.eps, max=_F32_MAX)
 
 
 def calculate_qparams(
@@ -160,18 +304,22 @@ def calculate_qparams(
 
     Args:
         min_val, max_val: float tensors of one shape: ``()`` per tensor, ``(C,)`` per channel.
-        spec: dtype, qscheme, reduce_range, eps.
+        spec: dtype, qscheme, reduce_range, eps, margin.
 
     Returns:
         ``(scale, zero_point)``: float32 and int32, shaped like ``min_val``, on its device.
     """
-    qmin, qmax = spec.qmin, spec.qmax
     min_val = min_val.to(torch.float32)
     max_val = max_val.to(torch.float32)
     zero = torch.zeros_like(min_val)
     min_neg = torch.minimum(min_val, zero)
     max_pos = torch.maximum(max_val, zero)
-    eps = torch.tensor(spec.eps, dtype=torch.float32, device=min_val.device)
+    if spec.is_fp8:
+        scale = fp8_scale(torch.maximum(-min_neg, max_pos), spec)
+        return scale, torch.zeros_like(min_val, dtype=torch.int32)
+    qmin, qmax = spec.qmin, spec.qmax
+    # a fill, not a copy from the host: no synchronization, and CUDA-graph capturable (FakeQuantize)
+    eps = torch.full((), spec.eps, dtype=torch.float32, device=min_val.device)
     if spec.qscheme == "symmetric":
         amax = torch.maximum(-min_neg, max_pos)
         scale = torch.maximum(amax / (float(qmax - qmin) / 2), eps)
@@ -195,29 +343,62 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, ch_axis: int | None) -> torch.T
     return t.reshape(shape)
 
 
+def _target(qmin, qmax, dtype) -> tuple[int, int] | torch.dtype:
+    """``(qmin, qmax)`` of an integer target, or the float8 dtype of an FP8 one.
+
+    Raises:
+        ValueError: neither or both of ``qmin``/``qmax`` and ``dtype``, or an unsupported ``dtype``.
+    """
+    if dtype is not None:
+        if qmin is not None or qmax is not None:
+            raise ValueError(
+                f"pass either qmin/qmax or dtype, not both (got qmin={qmin}, qmax={qmax}, dtype={dtype})"
+            )
+        return dtype if dtype in _FP8 else quant_range(dtype)
+    if qmin is None or qmax is None:
+        raise ValueError(
+            "pass the integer range as qmin and qmax (quant_range(dtype)), or dtype= (integer or float8)"
+        )
+    return int(qmin), int(qmax)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    zero_point: torch.Tensor | None,
+    qmin: int | None = None,
+    qmax: int | None = None,
     ch_axis: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int32.
+    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` as int32, or FP8 values.
 
     Rounding is half to even (``torch.round``, as ``torch.quantize_per_tensor``). ``+-inf`` and values far
     outside the range clamp to ``qmax`` / ``qmin``; ``NaN`` maps to the zero point (dequantizes to 0).
+    FP8 (``dtype`` a float8 type): ``x / scale`` in float32 saturated to ``+-fp8_max`` and cast with
+    ``Tensor.to(dtype)`` (round to nearest even); ``+-inf`` saturates, NaN stays NaN, the zero point is 0
+    and not read (pass ``None`` or a zero tensor).
 
     Args:
         x: any float tensor.
         scale, zero_point: 0-d, or ``(C,)`` with ``ch_axis`` naming the channel dimension of ``x``.
-        qmin, qmax: the integer range (``quant_range(dtype, reduce_range)``).
+        qmin, qmax: the integer range (``quant_range(dtype, reduce_range)``); or leave them out and pass
+        dtype: an integer dtype (its full range) or a float8 dtype.
         ch_axis: the dimension of ``x`` that per-channel ``scale`` / ``zero_point`` run along.
 
     Returns:
-        int32 codes shaped like ``x``.
+        int32 codes shaped like ``x``; for FP8, a tensor of that float8 dtype.
+
+    Raises:
+        ValueError: neither or both of ``qmin``/``qmax`` and ``dtype``.
     """
+    target = _target(qmin, qmax, dtype)
     s = _broadcast(scale.to(torch.float32), x, ch_axis)
+    if isinstance(target, torch.dtype):
+        m = fp8_max(target)
+        return (x.to(torch.float32) / s).clamp(-m, m).to(target)
+    qmin, qmax = target
     z = _broadcast(zero_point.to(torch.int32), x, ch_axis).to(torch.float32)
     # clamp in float before the integer cast: casting inf or |v| >= 2**63 to int64 is undefined
     # (it gives INT64_MIN on x86, which clamped to qmin); integers below 2**24 are exact in float32
@@ -227,30 +408,37 @@ def quantize(
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, ch_axis: int | None = None
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, ch_axis: int | None = None
 ) -> torch.Tensor:
-    """Float32 values ``(q - zero_point) * scale`` of integer codes ``q``.
+    """Float32 values ``(q - zero_point) * scale`` of integer codes ``q`` (FP8 ``q``: ``q * scale``, the zero
+    point not read).
 
     Finite for finite qparams: a product past the float32 range (a range that reaches the float32 limit
-    puts its end codes there after rounding) saturates to ``+-max`` instead of becoming ``+-inf``.
+    puts its end codes there after rounding) saturates to ``+-max`` instead of becoming ``+-inf``. FP8 NaN
+    stays NaN.
     """
     s = _broadcast(scale.to(torch.float32), q, ch_axis)
+    if q.dtype in _FP8:
+        return (q.to(torch.float32) * s).clamp_(-_F32_MAX, _F32_MAX)
     z = _broadcast(zero_point.to(torch.int32), q, ch_axis)
     out = (q.to(torch.int32) - z).to(torch.float32) * s
-    big = torch.finfo(torch.float32).max
-    return out.clamp_(-big, big)
+    return out.clamp_(-_F32_MAX, _F32_MAX)
 
 
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    zero_point: torch.Tensor | None,
+    qmin: int | None = None,
+    qmax: int | None = None,
     ch_axis: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))``: what the network sees after quantization, as float32."""
-    return dequantize(quantize(x, scale, zero_point, qmin, qmax, ch_axis), scale, zero_point, ch_axis)
+    """``dequantize(quantize(x))``: what the network sees after quantization, as float32 (arguments as for
+    ``quantize``; for the module used in training, with gradients, see ``mono_quant.FakeQuantize``)."""
+    q = quantize(x, scale, zero_point, qmin, qmax, ch_axis, dtype=dtype)
+    return dequantize(q, scale, zero_point, ch_axis)
 
 
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -271,10 +459,12 @@ def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 def quantization_sqnr(
     x: torch.Tensor,
     scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    zero_point: torch.Tensor | None,
+    qmin: int | None = None,
+    qmax: int | None = None,
     ch_axis: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """SQNR (dB) of ``x`` fake-quantized with the given qparams: ``sqnr(x, fake_quantize(x, ...))``.
 
@@ -284,10 +474,11 @@ def quantization_sqnr(
     Args:
         x: float tensor, e.g. a layer's input activations ``(..., C)``.
         scale, zero_point: 0-d, or ``(C,)`` with ``ch_axis`` naming the channel dimension of ``x``.
-        qmin, qmax: the integer range (``quant_range(dtype, reduce_range)`` or ``QuantSpec.qmin/qmax``).
+        qmin, qmax: the integer range (``quant_range(dtype, reduce_range)`` or ``QuantSpec.qmin/qmax``); or
+        dtype: instead of ``qmin`` / ``qmax``, an integer or float8 dtype (as for ``quantize``).
         ch_axis: the dimension of ``x`` that per-channel qparams run along.
 
     Returns:
         0-d float64 tensor (see ``sqnr`` for the ``inf`` cases).
     """
-    return sqnr(x, fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis))
+    return sqnr(x, fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis, dtype=dtype))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from mono_quant.core.observers import (
+    AmaxHistoryObserver,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -30,6 +31,7 @@ OBSERVERS: dict[str, tuple[type[ObserverBase], dict]] = {
     "percentile": (HistogramObserver, {"method": "percentile"}),
     "per_channel": (PerChannelMinMaxObserver, {}),
     "moving_average_per_channel": (MovingAveragePerChannelMinMaxObserver, {}),
+    "amax_history": (AmaxHistoryObserver, {}),
 }
 ALIASES = {"ema": "moving_average", "per_channel_minmax": "per_channel"}
 
