@@ -64,8 +64,11 @@ def observer_name(name: str) -> str:
         raise ValueError(f"an observer name must be a str, got {name!r}")
     found = _lookup().get(_key(name))
     if found is None:
-        valid = ", ".join([*OBSERVERS, *ALIASES, "auto"])
-        raise ValueError(f"unknown observer {name!r}; valid names: {valid} (or a class name)")
+        valid = ", ".join([*OBSERVERS, *ALIASES])
+        raise ValueError(
+            f"unknown observer {name!r}; valid names: {valid} (or a class name; create_observer also takes "
+            "'auto')"
+        )
     return found
 
 
