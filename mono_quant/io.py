@@ -47,11 +47,9 @@ from collections import OrderedDict
 import torch
 
 from mono_quant._version import __version__
-from mono_quant.core.base import ObserverBase
+from mono_quant.core.base import ObserverBase, StateError
 from mono_quant.core.qparams import dtype_from_name, dtype_name, fp8_max, is_fp8, quant_range
 from mono_quant.core.registry import OBSERVERS, create_observer, observer_name
-from mono_quant.grid import E_MAX, E_MIN, bin_index, canonical_grid
-from mono_quant.state import Seen
 
 __all__ = [
     "StateFileError",
@@ -476,104 +474,6 @@ def _state_version(sd) -> int:
     return version if isinstance(version, int) else 1
 
 
-def _check_invariants(path: str, obs: ObserverBase, where: dict) -> None:
-    """Raise ``StateFileError`` where the loaded state breaks what every observer state keeps."""
-    seen = obs.seen.cpu()
-    finite, nonfinite, batches = (int(seen[i]) for i in (Seen.FINITE, Seen.NONFINITE, Seen.BATCHES))
-    if min(finite, nonfinite, batches) < 0:
-        raise StateFileError(
-            path, f"counts of values and batches must be >= 0, got {seen.tolist()}", **where, key="seen"
-        )
-    if finite + nonfinite < batches or (finite + nonfinite > 0) != (batches > 0):
-        raise StateFileError(
-            path,
-            f"{finite} finite + {nonfinite} non-finite values cannot come from {batches} non-empty batches",
-            **where,
-            key="seen",
-        )
-    lo, hi = obs.running_min.cpu(), obs.running_max.cpu()
-    if lo.shape != hi.shape:
-        raise StateFileError(
-            path,
-            f"running_min has {lo.numel()} channels but running_max {hi.numel()}",
-            **where,
-            key="running_min/running_max",
-        )
-    for name, t in (("running_min", lo), ("running_max", hi)):
-        if torch.isnan(t).any():
-            raise StateFileError(
-                path, "holds NaN; a range is finite, or +inf / -inf before data", **where, key=name
-            )
-    empty = (lo == float("inf")) & (hi == float("-inf"))
-    ranged = torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)
-    bad = torch.nonzero(~(empty | ranged).reshape(-1)).flatten()
-    if bad.numel():
-        i = int(bad[0])
-        at = f" (channel {i})" if lo.dim() else ""
-        raise StateFileError(
-            path,
-            f"min {float(lo.reshape(-1)[i])} and max {float(hi.reshape(-1)[i])}{at}: either both finite with "
-            "min <= max, or +inf and -inf (nothing finite seen)",
-            **where,
-            key="running_min/running_max",
-        )
-    if (finite == 0) != bool(empty.all()):
-        has = "no finite value" if finite == 0 else f"{finite} finite values"
-        shows = "a range" if finite == 0 else "no range"
-        raise StateFileError(path, f"seen counts {has} but running_min/max show {shows}", **where, key="seen")
-    if not hasattr(obs, "counts"):
-        return
-    e, origin, counts = int(obs.exponent), int(obs.origin), obs.counts.cpu()
-    if not E_MIN <= e <= E_MAX:
-        raise StateFileError(
-            path,
-            f"{e} is outside [{E_MIN}, {E_MAX}] (2**-exponent must be a normal float32)",
-            **where,
-            key="exponent",
-        )
-    if not -ORIGIN_LIMIT <= origin < ORIGIN_LIMIT:
-        raise StateFileError(
-            path,
-            f"{origin} is outside [-2**24, 2**24): bin numbers of float32 values on the canonical grid stay "
-            "below 2**24 in magnitude",
-            **where,
-            key="origin",
-        )
-    if bool((counts < 0).any()):
-        raise StateFileError(path, "holds negative counts", **where, key="counts")
-    total = int(counts.sum())
-    if total != finite:
-        raise StateFileError(
-            path, f"sum to {total} but seen counts {finite} finite values", **where, key="counts"
-        )
-    want_e, want_origin = (int(v) for v in canonical_grid(lo, hi, counts.shape[0]))
-    if (e, origin) != (want_e, want_origin):
-        raise StateFileError(
-            path,
-            f"the grid (exponent {e}, origin {origin}) is not the canonical grid of the range [{float(lo)}, "
-            f"{float(hi)}] (exponent {want_e}, origin {want_origin})",
-            **where,
-            key="exponent/origin",
-        )
-    if finite:
-        first = int(bin_index(lo.reshape(1), obs.exponent.cpu(), obs.origin.cpu()))
-        last = int(bin_index(hi.reshape(1), obs.exponent.cpu(), obs.origin.cpu()))
-        inside = 0 <= first <= last < counts.shape[0]
-        if (
-            not inside
-            or counts[first] == 0
-            or counts[last] == 0
-            or int(counts[first : last + 1].sum()) != total
-        ):
-            raise StateFileError(
-                path,
-                f"counts lie outside the bins of running_min / running_max ({first} to {last}), or those "
-                "bins are empty (the min and max are values that were counted)",
-                **where,
-                key="counts",
-            )
-
-
 def _load_observer(path: str, class_name, saved, kind: str, layer: str) -> ObserverBase:
     where = {"kind": kind, "layer": layer}
     saved = _expect_dict(path, saved, "a layer entry", **where)
@@ -598,10 +498,11 @@ def _load_observer(path: str, class_name, saved, kind: str, layer: str) -> Obser
         what = "is missing" if missing else f"is not a key of a {class_name} state"
         raise StateFileError(path, what, **where, key=f"state_dict[{sorted(missing or unexpected)[0]!r}]")
     try:
-        obs.load_state_dict(sd)
+        obs.load_state_dict(sd)  # checks dtypes, shapes, settings and the state's invariants
+    except StateError as e:
+        raise StateFileError(path, e.reason, **where, key=e.key) from None
     except (ValueError, RuntimeError, TypeError) as e:
         raise StateFileError(path, str(e).strip().splitlines()[0], **where, key="state_dict") from None
-    _check_invariants(path, obs, where)
     return obs
 
 

@@ -8,8 +8,21 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Every kernel module is decorated now, under the interpreter: a test that turns TRITON_INTERPRET off for a
+# moment (to check the error when the kernels cannot run) must not be the first to import one.
+try:
+    import mono_quant.kernels as _kernels
+except ImportError:  # triton is not installed: the kernel tests skip
+    _kernels = None
+if _kernels is not None:
+    for _module in pkgutil.iter_modules(_kernels.__path__):
+        importlib.import_module(f"mono_quant.kernels.{_module.name}")
 
 
 def pytest_collection_modifyitems(config, items):

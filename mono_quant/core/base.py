@@ -26,7 +26,7 @@ from mono_quant.core.qparams import QuantSpec, calculate_qparams, dtype_name
 from mono_quant.ops import check_backend, minmax_per_channel_update_, minmax_update_
 from mono_quant.state import RangeState, Seen
 
-__all__ = ["EMA_RULES", "RANGE_RULES", "ObserverBase"]
+__all__ = ["StateError", "EMA_RULES", "RANGE_RULES", "ObserverBase"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _EPS = torch.finfo(torch.float32).eps
@@ -294,11 +294,57 @@ class ObserverBase(nn.Module):
                         f"{name} has shape {tuple(buf.shape)}; was it saved from another kind of observer?"
                     )
                 buf.resize_(saved.shape)  # per-channel buffers take their size from the state
+        incoming = {n: state_dict[prefix + n] for n in self._buffers if prefix + n in state_dict}
+        self.check_state(incoming)  # before anything is copied: a refused state changes nothing
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if (local_metadata or {}).get("version", 1) < 2:  # saved before _extra_state existed
             extra = prefix + "_extra_state"
             if extra in missing:
                 missing.remove(extra)
+
+    def check_state(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
+        """Check what every observer state holds: ``seen`` counts that batches can give, and a range either
+        finite with ``min <= max`` or ``+inf`` / ``-inf`` (nothing finite seen), consistent with ``seen``.
+
+        Args:
+            buffers: values to check in place of this observer's own buffers (a state about to be loaded).
+
+        Raises:
+            StateError: what is wrong, and in which buffer (``key``).
+        """
+        b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
+        seen = b["seen"]
+        finite, nonfinite, batches = (int(seen[i]) for i in (Seen.FINITE, Seen.NONFINITE, Seen.BATCHES))
+        if min(finite, nonfinite, batches) < 0:
+            raise StateError("seen", f"counts of values and batches must be >= 0, got {seen.tolist()}")
+        if finite + nonfinite < batches or (finite + nonfinite > 0) != (batches > 0):
+            raise StateError(
+                "seen",
+                f"{finite} finite + {nonfinite} non-finite values cannot come from {batches} non-empty "
+                "batches",
+            )
+        lo, hi = b["running_min"], b["running_max"]
+        if lo.shape != hi.shape:
+            raise StateError("running_min/running_max", f"{lo.numel()} and {hi.numel()} channels")
+        for name, t in (("running_min", lo), ("running_max", hi)):
+            if torch.isnan(t).any():
+                raise StateError(name, "holds NaN; a range is finite, or +inf / -inf before data")
+        empty = (lo == float("inf")) & (hi == float("-inf"))
+        ranged = torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)
+        bad = torch.nonzero(~(empty | ranged).reshape(-1)).flatten()
+        if bad.numel():
+            i = int(bad[0])
+            at = f" (channel {i})" if lo.dim() else ""
+            raise StateError(
+                "running_min/running_max",
+                f"min {float(lo.reshape(-1)[i])} and max {float(hi.reshape(-1)[i])}{at}: either both finite "
+                "with min <= max, or +inf and -inf (nothing finite seen)",
+            )
+        if (finite == 0) != bool(empty.all()) and lo.numel():
+            has = "no finite value" if finite == 0 else f"{finite} finite values"
+            raise StateError(
+                "seen", f"counts {has} but running_min/max show {'a' if finite == 0 else 'no'} range"
+            )
 
     def extra_repr(self) -> str:
         parts = [f"dtype={self.dtype}", f"qscheme={self.qscheme!r}"]
@@ -314,6 +360,15 @@ class ObserverBase(nn.Module):
             parts.append(f"averaging_constant={self.averaging_constant}")
         parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+class StateError(ValueError):
+    """A state that breaks what an observer's state always holds; ``key`` names the buffer(s), ``reason``
+    what is wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
 
 
 def _encode(obj: dict) -> torch.Tensor:

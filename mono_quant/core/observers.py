@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mono_quant.core.base import EMA_RULES, RANGE_RULES, ObserverBase
+from mono_quant.core.base import EMA_RULES, RANGE_RULES, ObserverBase, StateError
 from mono_quant.core.search import HISTOGRAM_METHODS, search_range
-from mono_quant.grid import E_MIN, MAX_BINS, bin_edges, internal_bins
+from mono_quant.grid import E_MAX, E_MIN, MAX_BINS, bin_edges, bin_index, canonical_grid, internal_bins
 from mono_quant.history import AMAX_ALGOS, AmaxHistoryState, amax_scale
 from mono_quant.ops import amax_history_update_, histogram_update_
 from mono_quant.state import HistogramState, RangeState, Seen
@@ -173,6 +173,49 @@ class HistogramObserver(ObserverBase):
         if self.method == "percentile":
             out["percentile"] = self.percentile
         return out
+
+    def check_state(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
+        """``ObserverBase.check_state``, and the histogram's own: the exponent in ``[E_MIN, E_MAX]``, the
+        origin within float32's exact integers, counts >= 0 summing to the finite values seen, all of them in
+        the bins of the range, on the canonical grid of that range."""
+        super().check_state(buffers)
+        b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
+        e, origin, counts = int(b["exponent"]), int(b["origin"]), b["counts"]
+        lo, hi, finite = b["running_min"], b["running_max"], int(b["seen"][Seen.FINITE])
+        if not E_MIN <= e <= E_MAX:
+            raise StateError(
+                "exponent", f"{e} is outside [{E_MIN}, {E_MAX}] (2**-e must be a normal float32)"
+            )
+        if not -(1 << 24) <= origin < 1 << 24:
+            raise StateError(
+                "origin", f"{origin} is outside [-2**24, 2**24): grid bin numbers stay below 2**24"
+            )
+        if bool((counts < 0).any()):
+            raise StateError("counts", "holds negative counts")
+        total = int(counts.sum())
+        if total != finite:
+            raise StateError("counts", f"sum to {total} but seen counts {finite} finite values")
+        want = tuple(int(v) for v in canonical_grid(lo, hi, counts.shape[0]))
+        if (e, origin) != want:
+            raise StateError(
+                "exponent/origin",
+                f"(exponent {e}, origin {origin}) is not the canonical grid of the range [{float(lo)}, "
+                f"{float(hi)}] (exponent {want[0]}, origin {want[1]})",
+            )
+        if finite:
+            first, last = (int(bin_index(v.reshape(1), b["exponent"], b["origin"])) for v in (lo, hi))
+            inside = 0 <= first <= last < counts.shape[0]
+            if (
+                not inside
+                or counts[first] == 0
+                or counts[last] == 0
+                or int(counts[first : last + 1].sum()) != total
+            ):
+                raise StateError(
+                    "counts",
+                    f"counts lie outside the bins of running_min / running_max ({first} to {last}), or those "
+                    "bins are empty (the min and max are values that were counted)",
+                )
 
     @property
     def histogram_counts(self) -> torch.Tensor | None:
