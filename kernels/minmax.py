@@ -45,13 +45,20 @@ TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile of the per-channel reduction
 
 @triton.jit
 def _ema(run, cur, c):
-    """The range update of ``reference._update_range_``: the first finite batch sets it, an all-non-finite
-    batch (``cur`` infinite) keeps it, otherwise ``run + c * (cur - run)``."""
+    """The range update of ``reference._update_range_`` (float32 ``run``, ``cur``; ``c`` float32): the first
+    finite batch sets it, an all-non-finite batch (``cur`` infinite) keeps it, ``c == 1`` takes ``cur``,
+    otherwise ``run + c * (cur - run)``, computed again in float64 and rounded once where it overflows."""
     run_inf = tl.abs(run) == float("inf")
     cur_inf = tl.abs(cur) == float("inf")
     # the EMA of the finite cases only (inf - inf would be NaN; it is not selected, but keep it quiet)
     run_f = tl.where(run_inf, 0.0, run)
-    ema = run_f + c * (tl.where(cur_inf, 0.0, cur) - run_f)
+    cur_f = tl.where(cur_inf, 0.0, cur)
+    c = c + tl.zeros([], tl.float32)  # a float32 scalar also under the interpreter (a Python float there)
+    ema = run_f + c * (cur_f - run_f)
+    run64 = run_f.to(tl.float64)
+    ema64 = (run64 + c.to(tl.float64) * (cur_f.to(tl.float64) - run64)).to(tl.float32)
+    ema = tl.where(tl.abs(ema) == float("inf"), ema64, ema)
+    ema = tl.where(c == 1.0, cur_f, ema)
     return tl.where(run_inf, cur, tl.where(cur_inf, run, ema))
 
 

@@ -117,28 +117,59 @@ def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
         seen += torch.stack([n - bad, bad, torch.ones_like(bad)])
 
 
+def _ema32(run: np.float32, cur: np.float32, c: np.float32) -> np.float32:
+    """``run + c * (cur - run)`` in float32 (the formula torch.ao uses, each op rounded once), for finite
+    ``run`` and ``cur``; with ``c == 1`` exactly ``cur`` (the formula cancels: 1e8 then 1 gives 0); where
+    ``cur - run`` passes float32's range, the same ops in float64, rounded once (finite: the exact result
+    lies between ``run`` and ``cur``)."""
+    if c == 1:
+        return cur
+    if abs(float(cur) - float(run)) < 2.0**126:  # far from float32's limit: the formula cannot overflow
+        return run + c * (cur - run)
+    with np.errstate(over="ignore"):
+        ema = run + c * (cur - run)
+    if math.isinf(ema):
+        ema = np.float32(np.float64(run) + np.float64(c) * (np.float64(cur) - np.float64(run)))
+    return ema
+
+
+def _ema_tensor(run: torch.Tensor, cur: torch.Tensor, c: float) -> torch.Tensor:
+    """``_ema32`` elementwise on float32 tensors (any values: lanes where ``run`` or ``cur`` is infinite
+    hold garbage that the caller does not select)."""
+    if np.float32(c) == 1:
+        return cur
+    ema = run + c * (cur - run)  # c rounds to float32 in a float32 op, as np.float32(c) above
+    overflow = torch.isinf(ema)
+    if not _may_branch(ema) or bool(overflow.any()):
+        c64 = float(np.float32(c))
+        ema64 = (run.double() + c64 * (cur.double() - run.double())).float()
+        ema = torch.where(overflow, ema64, ema)
+    return ema
+
+
 def _update_range_(
     state: RangeState, mn: torch.Tensor, mx: torch.Tensor, averaging_constant: float | None
 ) -> None:
+    """Fold a batch's finite range ``(mn, mx)`` into ``state``: min/max, or the moving average (``_ema32``)
+    started by the first batch with a finite value; a batch with nothing finite (``+-inf``) keeps it."""
     running_min, running_max = state.running_min, state.running_max
     if averaging_constant is None:
         torch.minimum(running_min, mn, out=running_min)
         torch.maximum(running_max, mx, out=running_max)
         return
-    c = averaging_constant
     if _may_branch(running_min) and running_min.dim() == 0:
         # per tensor on CPU: branch on the values, and do the same float32 ops on numpy scalars (each
         # rounded to float32 as torch rounds them; a third of the time of three tensor ops)
+        c = np.float32(averaging_constant)
         for run, cur in ((running_min, mn), (running_max, mx)):
             r, v = np.float32(run.item()), np.float32(cur.item())
             if math.isinf(r):
                 run.fill_(float(v))
             elif not math.isinf(v):
-                run.fill_(float(r + (v - r) * np.float32(c)))
+                run.fill_(float(_ema32(r, v, c)))
         return
     for run, cur in ((running_min, mn), (running_max, mx)):
-        # first finite batch (run is still +-inf): take it; a batch with nothing finite: keep the old value
-        ema = run + c * (cur - run)
+        ema = _ema_tensor(run, cur, averaging_constant)
         run.copy_(torch.where(torch.isinf(run), cur, torch.where(torch.isinf(cur), run, ema)))
 
 
@@ -198,7 +229,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
         exponent.copy_(new_e)
         origin.copy_(new_o)
-    if host:  # the grid as Python numbers: 2**-e and origin (< 2**25) are exact float32 scalars
+    if host:  # the grid as Python numbers: 2**-e and origin (|origin| <= 2**24) are exact float32 scalars
         e = int(exponent)
         inv_w, offset = 2.0**-e, float(origin)
     else:
@@ -217,7 +248,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         else:
             t = chunk * inv_w  # exact: a power of two
             t.floor_()
-        t -= offset  # integers below 2**25: exact
+        t -= offset  # both integers of magnitude <= 2**24 (the grid's rule), bins < B <= 2**21 + 2: exact
         if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
             counts += torch.bincount(t.to(torch.int64), minlength=num_bins)
             continue

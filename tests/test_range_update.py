@@ -1,0 +1,112 @@
+"""The range update's arithmetic on both backends: the moving average near float32's limit and with
+``averaging_constant=1``.
+
+The oracles come first: a few lines each, in float64 or on numpy scalars, obviously right.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mono_quant import ops, reference
+from mono_quant.state import RangeState
+
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def ema_oracle(run: float, cur: float, c: float) -> float:
+    """The moving average's contract for finite float32 ``run``, ``cur``: ``c == 1`` takes ``cur``; otherwise
+    torch.ao's ``run + c * (cur - run)`` in float32, or where that overflows the same in float64, rounded
+    once."""
+    r, v, c = np.float32(run), np.float32(cur), np.float32(c)
+    if c == 1:
+        return float(v)
+    with np.errstate(over="ignore"):
+        out = r + c * (v - r)
+    if math.isinf(out):
+        out = np.float32(np.float64(r) + np.float64(c) * (np.float64(v) - np.float64(r)))
+    return float(out)
+
+
+@pytest.fixture(params=["torch", "torch-as-on-cuda", pytest.param("triton", marks=pytest.mark.interpreter)])
+def backend(request, monkeypatch):
+    """Each implementation: the torch path as on CPU (branching on values, numpy scalars) and as on CUDA
+    (no host read), and the kernels under the interpreter."""
+    if request.param == "torch-as-on-cuda":
+        monkeypatch.setattr(reference, "_may_branch", lambda x: False)
+    return request.param.split("-")[0]
+
+
+def _observe(xs, c, backend, per_channel):
+    shape = (xs[0].shape[-1],) if per_channel else ()
+    state = RangeState.empty(shape)
+    for x in xs:
+        if per_channel:
+            ops.minmax_per_channel_update_(x, -1, state, c, backend=backend)
+        else:
+            ops.minmax_update_(x, state, c, backend=backend)
+    return state
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("c", [0.01, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize(
+    "first, second",
+    [(-3e38, 3e38), (F32_MAX, -F32_MAX), (-F32_MAX, F32_MAX), (2e38, -2e38)],
+)
+def test_ema_stays_finite_near_the_float32_limit(backend, per_channel, c, first, second):
+    # the difference passes float32's max: the plain formula gave +-inf, and the next batch restarted
+    state = _observe([torch.tensor([[first]]), torch.tensor([[second]])], c, backend, per_channel)
+    want = ema_oracle(first, second, c)
+    assert math.isfinite(want)
+    assert state.running_min.flatten().tolist() == [want]
+    assert state.running_max.flatten().tolist() == [want]
+
+
+def _random_float32(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Finite float32 values of every sign and binade, the largest ones included."""
+    mant = torch.rand(n, generator=gen, dtype=torch.float64) + 1.0
+    exp = torch.randint(-60, 128, (n,), generator=gen)
+    sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    x = (sign * torch.ldexp(mant, exp)).float()
+    x[torch.isinf(x)] = F32_MAX
+    x[:8] = torch.tensor([F32_MAX, -F32_MAX, 3e38, -3e38, 1e8, 1.0, -2e38, 0.0])
+    return x
+
+
+@pytest.mark.parametrize("c", [0.01, 0.3, 1.0])
+def test_ema_per_channel_matches_the_oracle_bit_for_bit(backend, c):
+    # one channel per (run, cur) pair: where the formula does not overflow this is torch.ao's result, bit
+    # for bit; where it does, the float64 one
+    gen = torch.Generator().manual_seed(1)
+    run, cur = _random_float32(2048, gen), _random_float32(2048, gen).flip(0)
+    state = _observe([run[None], cur[None]], c, backend, per_channel=True)
+    want = torch.tensor([ema_oracle(r, v, c) for r, v in zip(run.tolist(), cur.tolist())])
+    assert torch.isfinite(state.running_min).all()
+    assert torch.equal(state.running_min, want) and torch.equal(state.running_max, want)
+
+
+@pytest.mark.parametrize("c", [0.01, 0.3])
+def test_ema_per_tensor_matches_the_oracle_bit_for_bit(backend, c):
+    gen = torch.Generator().manual_seed(2)
+    for r, v in zip(_random_float32(16, gen).tolist(), _random_float32(16, gen).flip(0).tolist()):
+        state = _observe([torch.tensor([r]), torch.tensor([v])], c, backend, per_channel=False)
+        assert state.running_min.item() == ema_oracle(r, v, c) == state.running_max.item(), (r, v)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_averaging_constant_one_is_the_last_batch(backend, per_channel):
+    # 1 - 1e8 rounds to -1e8 in float32, so run + (cur - run) gave 0
+    xs = [torch.tensor([[1e8, 2e8]]), torch.tensor([[1.0, 2.0]])]
+    if per_channel:
+        xs = [x.t() for x in xs]  # one channel, two values
+    state = _observe(xs, 1.0, backend, per_channel)
+    assert state.running_min.flatten().tolist() == [1.0] and state.running_max.flatten().tolist() == [2.0]
+    # a batch with nothing finite still leaves the range as it was
+    nan = torch.full_like(xs[0], float("nan"))
+    state = _observe([*xs, nan], 1.0, backend, per_channel)
+    assert state.running_min.flatten().tolist() == [1.0] and state.seen.tolist() == [4, 2, 3]
