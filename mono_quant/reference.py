@@ -31,9 +31,12 @@ __all__ = [
     "minmax_update_",
 ]
 
-# Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 and
-# non-finite inputs to 16 MiB whatever the tensor size.
+# Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 inputs to
+# 16 MiB whatever the tensor size.
 CHUNK = 1 << 22
+# Elements per piece of the non-finite filtering: a filtered copy, the mask and isfinite's own
+# temporaries take about 13 bytes a value, so 13 MiB whatever the tensor size.
+FILTER_CHUNK = 1 << 20
 # Elements per binning step on the CPU: small enough that the temporaries stay in cache.
 BIN_CHUNK = 1 << 16
 
@@ -64,10 +67,10 @@ def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def _finite_minmax_filtered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``finite_minmax`` by filtering: chunked, so a float32 temporary never exceeds ``CHUNK`` values."""
+    """``finite_minmax`` by filtering, ``FILTER_CHUNK`` values at a time (bounded temporaries)."""
     inf = torch.full((), float("inf"), dtype=torch.float32, device=x.device)  # a fill, not a host copy
     mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
-    for chunk in x.reshape(-1).split(CHUNK):
+    for chunk in x.reshape(-1).split(FILTER_CHUNK):
         finite = torch.isfinite(chunk)
         mn = torch.minimum(mn, torch.where(finite, chunk, inf).amin().float())
         mx = torch.maximum(mx, torch.where(finite, chunk, -inf).amax().float())
@@ -87,22 +90,51 @@ def finite_minmax_per_channel(
         ``(min, max, nonfinite)``: float32 ``(C,)`` (``+inf``/``-inf`` for a channel with no finite value),
         float32 ``(C,)``, int64 ``()``.
     """
-    dims = [d for d in range(x.dim()) if d != ch_axis % x.dim()]
-    if not dims:  # a 1-D tensor: every element is its own channel
-        finite = torch.isfinite(x)
-        mn = torch.where(finite, x, float("inf")).float()
-        mx = torch.where(finite, x, float("-inf")).float()
-        return mn, mx, (~finite).sum()
-    # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
-    mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
-    # NaN or +-Inf in any channel makes the sum non-finite (so can an overflow: that only costs the
-    # filtering pass below, never a wrong result)
-    if _may_branch(x) and math.isfinite((mn.float() - mx.float()).sum().item()):
-        return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
-    finite = torch.isfinite(x)
-    mn = torch.where(finite, x, float("inf")).amin(dim=dims).float()
-    mx = torch.where(finite, x, float("-inf")).amax(dim=dims).float()
-    return mn, mx, (~finite).sum()
+    axis = ch_axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    if dims:
+        # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
+        mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+        # NaN or +-Inf in any channel makes the sum non-finite (so can an overflow: that only costs the
+        # filtering pass below, never a wrong result)
+        if _may_branch(x) and math.isfinite((mn.float() - mx.float()).sum().item()):
+            return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
+        del mn, mx  # (C,) each: freed before the filtering allocates its own
+    return _finite_minmax_per_channel_filtered(x.movedim(axis, -1))
+
+
+def _finite_minmax_per_channel_filtered(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``finite_minmax_per_channel`` of ``v`` (channels last, any strides) by filtering, in pieces of at most
+    ``FILTER_CHUNK`` values: the temporaries (a mask and a filtered copy) stay bounded whatever the input."""
+    mn = torch.full(v.shape[-1:], float("inf"), dtype=torch.float32, device=v.device)
+    mx = torch.full(v.shape[-1:], float("-inf"), dtype=torch.float32, device=v.device)
+    bad = torch.zeros((), dtype=torch.int64, device=v.device)
+    for piece, cols in _channel_pieces(v):
+        lead = tuple(range(piece.dim() - 1))  # reduced in place of a reshape (which could copy)
+        finite = torch.isfinite(piece)
+        t = torch.where(finite, piece, float("inf"))  # one filtered copy of the piece, reused for the max
+        torch.minimum(mn[cols], (t.amin(dim=lead) if lead else t).float(), out=mn[cols])
+        torch.where(finite, piece, torch.full((), float("-inf"), dtype=t.dtype, device=t.device), out=t)
+        torch.maximum(mx[cols], (t.amax(dim=lead) if lead else t).float(), out=mx[cols])
+        bad += piece.numel() - finite.sum()
+    return mn, mx, bad
+
+
+def _channel_pieces(v: torch.Tensor):
+    """Views of ``v`` (channels last) of at most ``FILTER_CHUNK`` values each, with the channels each one
+    holds: slices along the leading dimensions, and along the channels once only they are left."""
+    if v.numel() <= FILTER_CHUNK:
+        yield v, slice(None)
+    elif v.dim() == 1:
+        for start in range(0, v.shape[0], FILTER_CHUNK):
+            yield v[start : start + FILTER_CHUNK], slice(start, start + FILTER_CHUNK)
+    elif v[0].numel() > FILTER_CHUNK:
+        for row in v:
+            yield from _channel_pieces(row)
+    else:
+        step = FILTER_CHUNK // v[0].numel()
+        for start in range(0, v.shape[0], step):
+            yield v[start : start + step], slice(None)
 
 
 def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:

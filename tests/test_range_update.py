@@ -1,5 +1,5 @@
 """The range update's arithmetic on both backends: the moving average near float32's limit and with
-``averaging_constant=1``.
+``averaging_constant=1``, and the per-channel filtering of non-finite values in bounded memory.
 
 The oracles come first: a few lines each, in float64 or on numpy scalars, obviously right.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mono_quant import ops, reference
+from mono_quant import bench, ops, reference
 from mono_quant.state import RangeState
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
@@ -30,6 +30,15 @@ def ema_oracle(run: float, cur: float, c: float) -> float:
     if math.isinf(out):
         out = np.float32(np.float64(r) + np.float64(c) * (np.float64(v) - np.float64(r)))
     return float(out)
+
+
+def finite_range_oracle(x: torch.Tensor, ch_axis: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel min and max of the finite values (float64 then float32) and the non-finite count."""
+    v = x.double().movedim(ch_axis, -1).reshape(-1, x.shape[ch_axis])
+    finite = torch.isfinite(v)
+    mn = torch.where(finite, v, math.inf).amin(0).float()
+    mx = torch.where(finite, v, -math.inf).amax(0).float()
+    return mn, mx, int((~finite).sum())
 
 
 @pytest.fixture(params=["torch", "torch-as-on-cuda", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -110,3 +119,54 @@ def test_averaging_constant_one_is_the_last_batch(backend, per_channel):
     nan = torch.full_like(xs[0], float("nan"))
     state = _observe([*xs, nan], 1.0, backend, per_channel)
     assert state.running_min.flatten().tolist() == [1.0] and state.seen.tolist() == [4, 2, 3]
+
+
+SHAPES = [
+    ((37,), 0),  # 1-D: every element its own channel, split along the channels
+    ((33, 70), -1),
+    ((33, 70), 0),
+    ((2, 9, 130), 0),
+    ((2, 9, 130), 1),
+    ((2, 9, 130), 2),
+    ((5, 3, 7, 9), 0),
+    ((5, 3, 7, 9), 1),
+    ((5, 3, 7, 9), 3),
+    ((3, 200), 1),  # a row longer than a piece: split along the channels
+]
+
+
+@pytest.mark.parametrize("shape, axis", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_channel_filtering_in_pieces(shape, axis, dtype, monkeypatch):
+    monkeypatch.setattr(reference, "FILTER_CHUNK", 50)  # many pieces, of every kind
+    x = torch.randn(shape)
+    x.view(-1)[::13] = float("nan")
+    x.view(-1)[5::29] = float("inf")
+    x.view(-1)[7::31] = float("-inf")
+    x = x.to(dtype)
+    last = x.dim() - 1
+    swapped = {0: last, last: 0}.get(axis % x.dim(), axis % x.dim())  # the axis after transpose(0, -1)
+    for xt, ax in ((x, axis), (x.transpose(0, -1), swapped)):  # contiguous and not
+        mn, mx, bad = reference.finite_minmax_per_channel(xt, ax)
+        want_mn, want_mx, want_bad = finite_range_oracle(xt, ax)
+        assert torch.equal(mn, want_mn) and torch.equal(mx, want_mx) and int(bad) == want_bad
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, axis",
+    [
+        (torch.float32, (4096, 4096), -1),  # [tokens, hidden]
+        (torch.bfloat16, (16, 512, 4096), -1),  # [batch, seq, hidden]
+        (torch.float32, (16, 64, 128, 128), 1),  # NCHW along the channels
+    ],
+)
+def test_per_channel_nonfinite_input_is_not_copied(dtype, shape, axis):
+    # 64 MiB with one NaN: the filtering used to hold a filtered copy and masks of all of it (2.5x the input
+    # for fp32, 5x for bf16); in pieces it stays near 13 MiB whatever the size
+    x = torch.randn(shape).to(dtype)
+    x.view(-1)[x.numel() // 3] = float("nan")
+    assert x.nbytes == 64 << 20
+    state = RangeState.empty((shape[axis],))
+    peak = bench.peak_extra_bytes(lambda: reference.minmax_per_channel_update_(x, axis, state), "cpu")
+    assert peak < x.nbytes // 4, peak
+    assert state.seen.tolist() == [x.numel() - 1, 1, 1]
