@@ -22,12 +22,16 @@ its own programs, which read contiguous runs of ``I`` values.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from . import minmax_one_launch
 from ._common import (
     accumulate_partials,
+    finalize_channels,
     launch_options,
     load_finite,
     max_programs,
@@ -35,31 +39,35 @@ from ._common import (
     reduce_partials_and_count,
     store_channel_partials,
     store_partials,
+    update_range,
 )
 
-__all__ = ["minmax_per_channel_update_", "minmax_update_"]
+__all__ = ["MINMAX_KERNEL", "MINMAX_KERNELS", "minmax_per_channel_update_", "minmax_update_"]
 
 BLOCK = 4096  # elements per tile of the per-tensor reduction
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile of the per-channel reductions
 
+# "two_launch": the partial and finalize kernels below; "one_launch": minmax_one_launch.py (opt-in until an
+# H200 run shows it faster). Same results, bit for bit.
+MINMAX_KERNELS = ("two_launch", "one_launch")
+ENV_KERNEL = "MONO_QUANT_MINMAX_KERNEL"
 
-@triton.jit
-def _ema(run, cur, c):
-    """The range update of ``reference._update_range_`` (float32 ``run``, ``cur``; ``c`` float32): the first
-    finite batch sets it, an all-non-finite batch (``cur`` infinite) keeps it, ``c == 1`` takes ``cur``,
-    otherwise ``run + c * (cur - run)``, computed again in float64 and rounded once where it overflows."""
-    run_inf = tl.abs(run) == float("inf")
-    cur_inf = tl.abs(cur) == float("inf")
-    # the EMA of the finite cases only (inf - inf would be NaN; it is not selected, but keep it quiet)
-    run_f = tl.where(run_inf, 0.0, run)
-    cur_f = tl.where(cur_inf, 0.0, cur)
-    c = c + tl.zeros([], tl.float32)  # a float32 scalar also under the interpreter (a Python float there)
-    ema = run_f + c * (cur_f - run_f)
-    run64 = run_f.to(tl.float64)
-    ema64 = (run64 + c.to(tl.float64) * (cur_f.to(tl.float64) - run64)).to(tl.float32)
-    ema = tl.where(tl.abs(ema) == float("inf"), ema64, ema)
-    ema = tl.where(c == 1.0, cur_f, ema)
-    return tl.where(run_inf, cur, tl.where(cur_inf, run, ema))
+
+def _default_kernel() -> str:
+    env = os.environ.get(ENV_KERNEL, "").strip().lower()
+    if env and env not in MINMAX_KERNELS:
+        raise ValueError(f"{ENV_KERNEL}={env!r} is not one of {', '.join(MINMAX_KERNELS)}")
+    return env or "two_launch"
+
+
+MINMAX_KERNEL = _default_kernel()  # read at each call: a test or benchmark may set it
+
+
+def _kernel(kernel: str | None) -> str:
+    kernel = kernel or MINMAX_KERNEL
+    if kernel not in MINMAX_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(MINMAX_KERNELS)}")
+    return kernel
 
 
 @triton.jit
@@ -111,14 +119,7 @@ def _finalize_kernel(
     ``c``: the averaging constant (used when ``EMA``).
     """
     mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
-    run_min = tl.load(rmin_ptr)
-    run_max = tl.load(rmax_ptr)
-    if EMA:
-        tl.store(rmin_ptr, _ema(run_min, mn, c))
-        tl.store(rmax_ptr, _ema(run_max, mx, c))
-    else:
-        tl.store(rmin_ptr, tl.minimum(run_min, mn))
-        tl.store(rmax_ptr, tl.maximum(run_max, mx))
+    update_range(rmin_ptr, rmax_ptr, 0, True, mn, mx, c, EMA)
 
 
 @triton.jit
@@ -220,37 +221,10 @@ def _channel_finalize_kernel(
     split: about 1.4 us each, by the H200 timings of per-channel against per-tensor) and adds its channels'
     non-finite count to ``seen`` with integer atomics (order-free, so exact).
     """
-    cb = tl.program_id(0)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    rows = tl.arange(0, BLOCK_S)
-    mn = tl.full([BLOCK_S, BLOCK_C], float("inf"), tl.float32)
-    mx = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK_S, BLOCK_C], tl.int64)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + rows
-        offs = (s + tl.zeros([], tl.int64))[:, None] * C + cols[None, :]
-        m = (s < num_splits)[:, None] & cmask[None, :]
-        mn = tl.minimum(mn, tl.load(pmin_ptr + offs, mask=m, other=float("inf")))
-        mx = tl.maximum(mx, tl.load(pmax_ptr + offs, mask=m, other=float("-inf")))
-        bad += tl.load(pbad_ptr + offs, mask=m, other=0)
-    mn = tl.min(mn, 0)
-    mx = tl.max(mx, 0)
-    bad = tl.sum(bad, 0)
-    run_min = tl.load(rmin_ptr + cols, mask=cmask, other=0.0)
-    run_max = tl.load(rmax_ptr + cols, mask=cmask, other=0.0)
-    if EMA:
-        tl.store(rmin_ptr + cols, _ema(run_min, mn, c), mask=cmask)
-        tl.store(rmax_ptr + cols, _ema(run_max, mx, c), mask=cmask)
-    else:
-        tl.store(rmin_ptr + cols, tl.minimum(run_min, mn), mask=cmask)
-        tl.store(rmax_ptr + cols, tl.maximum(run_max, mx), mask=cmask)
-    block_bad = tl.sum(bad, 0)
-    tl.atomic_add(seen_ptr, -block_bad)
-    tl.atomic_add(seen_ptr + 1, block_bad)
-    if cb == 0:
-        tl.atomic_add(seen_ptr, tl.zeros([], tl.int64) + n)
-        tl.atomic_add(seen_ptr + 2, tl.full([], 1, tl.int64))
+    finalize_channels(
+        pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, tl.program_id(0), rmin_ptr, rmax_ptr, seen_ptr, n, c,
+        BLOCK_S, BLOCK_C, EMA,
+    )  # fmt: skip
 
 
 def _check_state(running_min: torch.Tensor, running_max: torch.Tensor, seen: torch.Tensor, shape) -> None:
@@ -291,7 +265,9 @@ def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return pmin[:programs], pmin[programs:], pbad, programs
 
 
-def minmax_update_(x: torch.Tensor, state, averaging_constant: float | None = None) -> None:
+def minmax_update_(
+    x: torch.Tensor, state, averaging_constant: float | None = None, *, kernel: str | None = None
+) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place (see the reference twin).
 
     Args:
@@ -299,13 +275,19 @@ def minmax_update_(x: torch.Tensor, state, averaging_constant: float | None = No
         state: [in, out] a range state (``mono_quant.state.RangeState``): ``running_min``,
             ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``.
         averaging_constant: ``None`` for min/max, else the EMA constant.
+        kernel: one of ``MINMAX_KERNELS`` (default ``MINMAX_KERNEL``, from ``MONO_QUANT_MINMAX_KERNEL``);
+            the same result with each.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad state buffers.
+        TypeError: unsupported dtype. ValueError: bad state buffers or kernel.
     """
+    kernel = _kernel(kernel)
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, ())
     x = prepare_input(x)
+    if kernel == "one_launch":
+        minmax_one_launch.minmax_update_(x, state, averaging_constant)
+        return
     pmin, pmax, pbad, programs = reduce_partials(x)
     ema = averaging_constant is not None
     _finalize_kernel[(1,)](
@@ -335,13 +317,26 @@ def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
 
 
 def minmax_per_channel_update_(
-    x: torch.Tensor, ch_axis: int, state, averaging_constant: float | None = None
+    x: torch.Tensor,
+    ch_axis: int,
+    state,
+    averaging_constant: float | None = None,
+    *,
+    kernel: str | None = None,
 ) -> None:
-    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``.
+    """Per-channel ``minmax_update_`` along ``ch_axis``.
+
+    Args:
+        x: [in] non-empty float tensor, ``C = x.shape[ch_axis]``.
+        ch_axis: the channel dimension (negative counts from the end).
+        state: [in, out] a range state: ``running_min``, ``running_max`` float32 ``(C,)``; ``seen`` int64
+            ``(3,)`` (all channels together).
+        averaging_constant, kernel: as in ``minmax_update_``.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad ``ch_axis`` or state buffers.
+        TypeError: unsupported dtype. ValueError: bad ``ch_axis``, state buffers or kernel.
     """
+    kernel = _kernel(kernel)
     if x.dim() == 0 or not -x.dim() <= ch_axis < x.dim():
         raise ValueError(f"ch_axis={ch_axis} is out of range for a tensor of shape {tuple(x.shape)}")
     axis = ch_axis % x.dim()
@@ -349,6 +344,9 @@ def minmax_per_channel_update_(
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, (channels,))
     x = prepare_input(x)
+    if kernel == "one_launch":
+        minmax_one_launch.minmax_per_channel_update_(x, outer, channels, inner, state, averaging_constant)
+        return
     budget = max_programs(x)
     if inner == 1:
         block_c = min(triton.next_power_of_2(channels), 128 if x.is_cuda else 1024)
