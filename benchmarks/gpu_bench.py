@@ -35,7 +35,7 @@ import torch
 def _timer(smoke: bool):
     if smoke:
 
-        def bench(fn, reps=3):
+        def bench(fn, reps=1):  # one call after the warm-up: the interpreter's times mean nothing
             fn()
             t = time.perf_counter()
             for _ in range(reps):
@@ -70,18 +70,39 @@ def _minmax_kernels():
     return kmm, getattr(kmm, "MINMAX_KERNELS", (None,)), getattr(kmm, "MINMAX_KERNEL", None)
 
 
+def _minmax_variants():
+    """``(suffix, settings)`` of every MinMax configuration: each kernel of ``MINMAX_KERNELS``, with and
+    without ``_common.FAST_LAUNCH``; the default has no settings and suffix ``""``."""
+    from mono_quant.kernels import _common
+
+    kmm, names, default = _minmax_kernels()
+    fast_default = getattr(_common, "FAST_LAUNCH", None)
+    out = []
+    for k in names:
+        for fast in (fast_default,) if fast_default is None else (fast_default, not fast_default):
+            settings = [(kmm, "MINMAX_KERNEL", k)] if k != default else []
+            if fast != fast_default:
+                settings.append((_common, "FAST_LAUNCH", fast))
+            suffix = ("" if k == default else f"_{k}") + (
+                "" if fast == fast_default else "_fast" if fast else "_slow"
+            )
+            out.append((suffix, settings))
+    return out
+
+
+def _with(settings, fn):
+    """``fn`` run under ``settings`` (``(module, name, value)`` each, as ``_setting``)."""
+    for module, name, value in settings:
+        fn = _setting(module, name, value, fn)
+    return fn
+
+
 def _cases(mono_quant, device, strategies):
     """name -> factory(x) returning a zero-argument callable that runs one update on x."""
     mk = lambda cls, **kw: lambda x: (lambda o: lambda: o(x))(cls(**kw).to(device))
-    kmm, names, default = _minmax_kernels()
     cases = {}
-    for k in names:
-        suffix = "" if k == default else f"_{k}"
-        opt = (
-            (lambda f: f)
-            if k == default
-            else (lambda f, k=k: lambda x: _setting(kmm, "MINMAX_KERNEL", k, f(x)))
-        )
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: lambda x: _with(settings, f(x))
         cases[f"minmax{suffix}"] = opt(mk(mono_quant.MinMaxObserver, backend="triton"))
         cases[f"ema{suffix}"] = opt(mk(mono_quant.MovingAverageMinMaxObserver, backend="triton"))
         cases[f"per_channel{suffix}"] = opt(lambda x: _per_channel(mono_quant, x, "triton", device))
@@ -231,7 +252,6 @@ def _llm_like(shape, dtype, device, seed):
 def _layer_cases(mono_quant, xs, device):
     """name -> callable stepping one observer per tensor of ``xs`` (steady state: each has seen its
     tensor once)."""
-    kmm, names, default = _minmax_kernels()
 
     def each(make, update=None):
         observers = [make() for _ in xs]
@@ -242,9 +262,8 @@ def _layer_cases(mono_quant, xs, device):
 
     tri = lambda cls, **kw: lambda: cls(backend="triton", **kw).to(device)
     cases = {}
-    for k in names:
-        suffix = "" if k == default else f"_{k}"
-        opt = (lambda f: f) if k == default else (lambda f, k=k: _setting(kmm, "MINMAX_KERNEL", k, f))
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: _with(settings, f)
         cases[f"layers_minmax{suffix}"] = opt(each(tri(mono_quant.MinMaxObserver)))
         cases[f"layers_per_channel{suffix}"] = opt(each(tri(mono_quant.PerChannelMinMaxObserver, ch_axis=-1)))
     from mono_quant.kernels import histogram as khist
@@ -287,12 +306,10 @@ def _host_ms(fn, device, calls: int) -> float:
 
 def _host_cases(mono_quant, x, device):
     """name -> callable: one update of ``x`` (1e4 values) by each observer, torch.ao's and ModelOpt's."""
-    kmm, names, default = _minmax_kernels()
     tri = lambda cls, **kw: cls(backend="triton", **kw).to(device)
     cases = {}
-    for k in names:
-        suffix = "" if k == default else f"_{k}"
-        opt = (lambda f: f) if k == default else (lambda f, k=k: _setting(kmm, "MINMAX_KERNEL", k, f))
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: _with(settings, f)
         cases[f"host_minmax{suffix}"] = opt(_bound(tri(mono_quant.MinMaxObserver), x))
         cases[f"host_ema{suffix}"] = opt(_bound(tri(mono_quant.MovingAverageMinMaxObserver), x))
         cases[f"host_per_channel{suffix}"] = opt(

@@ -124,11 +124,19 @@ def gate(
         with open(os.path.join(out, "gate.json"), "w") as f:
             json.dump({"meta": meta, "failed": failed, "results": results}, f, indent=1)
 
-    for k in minmax_kernels:
+    from mono_quant.kernels import _common
+
+    fast_default = getattr(_common, "FAST_LAUNCH", None)
+    for k, fast in [
+        (k, f) for k in minmax_kernels for f in ((None,) if fast_default is None else (False, True))
+    ]:
         kw = {} if k is None else {"kernel": k}
-        name = f"minmax[{k or 'default'}]" + (" (default)" if k == default_kernel else "")
+        name = f"minmax[{k or 'default'}{'+fast_launch' if fast else ''}]"
+        name += " (default)" if k == default_kernel and fast == fast_default else ""
         if not chosen(name):
             continue
+        if fast is not None:  # the scratch cache and direct launches (opt-in): the same bits
+            _common.FAST_LAUNCH = fast
         t0 = time.perf_counter()
         for dtype in dtypes:
             seqs = _sequences(n if dtype != torch.float64 else tile + 5, tile, dtype, device, activation)
@@ -152,6 +160,9 @@ def gate(
                            functools.partial(_per_channel, reference.minmax_per_channel_update_, axis, c, {}),
                            functools.partial(RangeState.empty, (shape[axis],), device), batches)  # fmt: skip
         flush(name, t0)
+
+    if fast_default is not None:
+        _common.FAST_LAUNCH = fast_default
 
     for strategy in khist.HIST_STRATEGIES:
         name = f"histogram[{strategy}]" + (" (default)" if strategy == khist.HIST_STRATEGY else "")

@@ -9,6 +9,8 @@ program is run in Python one after the other, so few programs with large tiles a
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 import torch
 import triton
@@ -25,6 +27,12 @@ INTERPRETER_PROGRAMS = 4
 # the default load cache modifier of the reductions' jit helpers; a constexpr, since Triton 3.6 passes a
 # plain default (a str) through to tl.load, which then fails
 DEFAULT_CACHE = tl.constexpr("")
+
+
+# Opt-in until an H200 run verifies it: scratch cached per (device, stream) and the compiled kernel called
+# directly when a launch's specialization matches one seen before (``Launcher``).
+ENV_FAST_LAUNCH = "MONO_QUANT_FAST_LAUNCH"
+FAST_LAUNCH = os.environ.get(ENV_FAST_LAUNCH, "0").strip() not in ("", "0")
 
 
 @functools.cache
@@ -227,3 +235,137 @@ def update_range(rmin_ptr, rmax_ptr, offs, mask, mn, mx, c, EMA: tl.constexpr):
     else:
         tl.store(rmin_ptr + offs, tl.minimum(run_min, mn), mask=mask)
         tl.store(rmax_ptr + offs, tl.maximum(run_max, mx), mask=mask)
+
+
+# --- host time per call: scratch once per (device, stream), the compiled kernel called directly ------------
+_SCRATCH: dict[tuple, dict[str, torch.Tensor]] = {}
+_DIRECT_DEVICES = ("cuda",)  # where a launch compiles a kernel to call directly (not the interpreter)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` in plain Python (Triton's is a constexpr function: microseconds a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(v: int) -> int:
+    """``triton.next_power_of_2`` in plain Python, for a launch's host arithmetic."""
+    return 1 << (v - 1).bit_length() if v > 1 else 1
+
+
+def round4(v: int) -> int:
+    return -(-v // 4) * 4
+
+
+def partials(device: torch.device, rows: int, cols: int | None = None, tickets: int = 0):
+    """Scratch for one update: ``(pmin, pmax, pbad, tickets)``, float32, float32 and int64 partials of shape
+    ``(rows,)`` or ``(rows, cols)`` (written before they are read: not initialized) and ``(tickets,)`` int32
+    tickets, zero. Each starts 16-byte aligned (``Launcher`` relies on it: every launch sees the same).
+
+    With ``FAST_LAUNCH`` (``MONO_QUANT_FAST_LAUNCH=1``), outside CUDA-graph capture, they are views of
+    buffers cached per (device, current stream), grown to the next power of two when a call needs more,
+    the views themselves cached per shape: nothing is allocated per call. Why that is safe: launches on one
+    stream run in order, so a kernel that reuses the buffers starts after the previous one finished with
+    them (another stream has buffers of its own); the partials are written before they are read; the
+    tickets are zero before a launch and every kernel that takes one puts it back to 0 before it ends. A
+    graph being captured gets fresh buffers from its own memory pool (tickets zeroed by a captured
+    memset), never the cache: a replay may run at any later time, beside eager updates.
+    Without ``FAST_LAUNCH``: fresh buffers every call.
+    """
+    shape = (rows,) if cols is None else (rows, cols)
+    key = None
+    if FAST_LAUNCH and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        key = (device, _raw_stream(device) if device.type == "cuda" else 0)
+        entry = _SCRATCH.get(key)
+        if entry is not None and (shape, tickets) in entry["views"]:
+            return entry["views"][(shape, tickets)]
+    size = rows * (cols or 1)
+    need = (2 * round4(size), size, tickets)
+    entry = _SCRATCH.get(key) if key else None
+    if entry is None or any(buf.numel() < n for buf, n in zip(entry["buffers"], need, strict=True)):
+        grow = (lambda v: 1 << max((v - 1).bit_length(), 15)) if key else (lambda v: max(v, 1))
+        sizes = (
+            need
+            if entry is None
+            else [max(n, b.numel()) for b, n in zip(entry["buffers"], need, strict=True)]
+        )
+        buffers = (
+            torch.empty(grow(sizes[0]), dtype=torch.float32, device=device),
+            torch.empty(grow(sizes[1]), dtype=torch.int64, device=device),
+            torch.zeros(grow(sizes[2]), dtype=torch.int32, device=device),
+        )
+        entry = {"buffers": buffers, "views": {}}
+        if key:
+            _SCRATCH[key] = entry
+    f32, i64, i32 = entry["buffers"]
+    second = round4(size)  # pmax starts 16 bytes aligned
+    views = (f32[:size].view(shape), f32[second : second + size].view(shape), i64[:size].view(shape),
+             i32[:tickets])  # fmt: skip
+    if key:
+        if len(entry["views"]) >= 64:  # shapes come and go: keep the cache small
+            entry["views"].clear()
+        entry["views"][(shape, tickets)] = views
+    return views
+
+
+def _raw_stream(device: torch.device) -> int:
+    return torch._C._cuda_getCurrentRawStream(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
+
+
+def spec(value) -> tuple | int | None:
+    """The part of an argument Triton specializes a kernel on (the rule of Triton 3.6-3.9's
+    ``native_specialize_impl``): a tensor's dtype and whether its address is 16-byte aligned; an int's
+    ``== 1`` (then a constant), its divisibility by 16 and its width (i32, i64, u64); nothing of a float."""
+    if type(value) is int:
+        if value == 1:
+            return 1
+        return value % 16 == 0, -2147483648 <= value < 2147483648, value < 9223372036854775808
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    return None
+
+
+class Launcher:
+    """A kernel's launches, with a direct path: under ``FAST_LAUNCH``, the compiled kernel a normal launch
+    (``JITFunction.run``) returned is kept under the launch's key, and a later launch with the same key calls
+    it directly (``CompiledKernel.run``, as ``JITFunction.run`` does once it has found it), skipping the
+    argument binding, specialization and cache lookup of Triton's launch path. The key must determine
+    Triton's specialization: the caller passes every argument that can vary between calls in ``varying``
+    (``spec`` of each) and passes only 16-byte aligned scratch otherwise (``scratch``); the constexprs and
+    the device are part of it. Launch hooks (``triton.knobs.runtime.launch_enter_hook``) take the normal
+    path. Under the interpreter there is nothing compiled to keep: always the normal path.
+    """
+
+    def __init__(self, fn, num_warps: int):
+        self.fn = fn
+        self.options = launch_options(num_warps)
+        self.names = list(inspect.signature(fn.fn).parameters)
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(self, grid: tuple, args: tuple, varying: tuple, **constexprs):
+        fast = FAST_LAUNCH and args[0].device.type in _DIRECT_DEVICES
+        if fast:
+            key = (args[0].device, *map(spec, varying), *constexprs.values())
+            kernel = self.compiled.get(key)
+            if kernel is not None and not _launch_hooks():
+                tail = [constexprs[name] for name in self.names[len(args) :]]
+                g1 = grid[1] if len(grid) > 1 else 1
+                stream = _raw_stream(args[0].device)
+                kernel.run(grid[0], g1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None,
+                           *args, *tail)  # fmt: skip
+                return kernel
+        kernel = self.fn[grid](*args, **constexprs, **self.options)
+        if fast and getattr(kernel, "packed_metadata", None) is not None:
+            self.compiled[key] = kernel
+        return kernel
+
+
+def _launch_hooks() -> bool:
+    """Whether a launch hook is set (Triton 3.6: a callable or None; 3.9: a chain of hooks, maybe empty)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        hook = getattr(runtime, name, None)
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False

@@ -30,11 +30,14 @@ import triton.language as tl
 
 from . import minmax_one_launch
 from ._common import (
+    Launcher,
     accumulate_partials,
+    cdiv,
     finalize_channels,
-    launch_options,
     load_finite,
     max_programs,
+    next_power_of_2,
+    partials,
     prepare_input,
     reduce_partials_and_count,
     store_channel_partials,
@@ -241,28 +244,11 @@ def _check_state(running_min: torch.Tensor, running_max: torch.Tensor, seen: tor
         raise ValueError(f"seen must be an int64 tensor of shape (3,), got {seen.dtype} {tuple(seen.shape)}")
 
 
-def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Launch the per-tensor partial kernel on a prepared (contiguous, non-empty) ``x``.
-
-    Returns:
-        ``(pmin, pmax, pbad, P)``: float32 ``(P,)``, float32 ``(P,)``, int64 ``(P,)`` and ``P``.
-    """
-    n = x.numel()
-    num_tiles = triton.cdiv(n, BLOCK)
-    programs = min(num_tiles, max_programs(x))
-    pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
-    pbad = torch.empty(programs, dtype=torch.int64, device=x.device)
-    _partial_kernel[(programs,)](
-        x,
-        pmin,
-        pmin[programs:],
-        pbad,
-        n,
-        num_tiles,
-        BLOCK=BLOCK,
-        **launch_options(8),
-    )
-    return pmin[:programs], pmin[programs:], pbad, programs
+_PARTIAL = Launcher(_partial_kernel, 8)
+_FINALIZE = Launcher(_finalize_kernel, 4)
+_ROWS = Launcher(_rows_partial_kernel, 8)
+_INNER = Launcher(_inner_partial_kernel, 8)
+_CHANNEL_FINALIZE = Launcher(_channel_finalize_kernel, 4)
 
 
 def minmax_update_(
@@ -288,22 +274,16 @@ def minmax_update_(
     if kernel == "one_launch":
         minmax_one_launch.minmax_update_(x, state, averaging_constant)
         return
-    pmin, pmax, pbad, programs = reduce_partials(x)
+    n = x.numel()
+    num_tiles = cdiv(n, BLOCK)
+    programs = min(num_tiles, max_programs(x))
+    pmin, pmax, pbad, _ = partials(x.device, programs)
+    _PARTIAL((programs,), (x, pmin, pmax, pbad, n, num_tiles), (x, n, num_tiles), BLOCK=BLOCK)
     ema = averaging_constant is not None
-    _finalize_kernel[(1,)](
-        pmin,
-        pmax,
-        pbad,
-        programs,
-        running_min,
-        running_max,
-        seen,
-        x.numel(),
-        float(averaging_constant) if ema else 0.0,
-        BLOCK_P=max(triton.next_power_of_2(programs), 16),
-        EMA=ema,
-        **launch_options(4),
-    )
+    args = (pmin, pmax, pbad, programs, running_min, running_max, seen, n,
+            float(averaging_constant) if ema else 0.0)  # fmt: skip
+    varying = (programs, running_min, running_max, seen, n)
+    _FINALIZE((1,), args, varying, BLOCK_P=max(next_power_of_2(programs), 16), EMA=ema)
 
 
 def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
@@ -349,35 +329,29 @@ def minmax_per_channel_update_(
         return
     budget = max_programs(x)
     if inner == 1:
-        block_c = min(triton.next_power_of_2(channels), 128 if x.is_cuda else 1024)
+        block_c = min(next_power_of_2(channels), 128 if x.is_cuda else 1024)
         block_r = max(TILE // block_c, 1)
-        channel_blocks = triton.cdiv(channels, block_c)
-        row_tiles = triton.cdiv(outer, block_r)
+        channel_blocks = cdiv(channels, block_c)
+        row_tiles = cdiv(outer, block_r)
         splits = max(1, min(row_tiles, budget // channel_blocks, 65535))
-        pmin = torch.empty((2, splits, channels), dtype=torch.float32, device=x.device)
-        pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
-        _rows_partial_kernel[(channel_blocks, splits)](
-            x, pmin[0], pmin[1], pbad, outer, channels, row_tiles,
-            BLOCK_R=block_r, BLOCK_C=block_c, **launch_options(8),
-        )  # fmt: skip
     else:
-        block_i = min(triton.next_power_of_2(inner), TILE)
-        block_c = min(max(TILE // block_i, 1), triton.next_power_of_2(channels))
-        channel_blocks = triton.cdiv(channels, block_c)
-        tiles_per_row = triton.cdiv(inner, block_i)
+        block_i = min(next_power_of_2(inner), TILE)
+        block_c = min(max(TILE // block_i, 1), next_power_of_2(channels))
+        channel_blocks = cdiv(channels, block_c)
+        tiles_per_row = cdiv(inner, block_i)
         num_tiles = outer * tiles_per_row
-        splits = max(1, min(num_tiles, triton.cdiv(budget, channel_blocks), 65535))
-        pmin = torch.empty((2, splits, channels), dtype=torch.float32, device=x.device)
-        pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
-        _inner_partial_kernel[(channel_blocks, splits)](
-            x, pmin[0], pmin[1], pbad, channels, inner, tiles_per_row, num_tiles,
-            BLOCK_C=block_c, BLOCK_I=block_i, **launch_options(8),
-        )  # fmt: skip
+        splits = max(1, min(num_tiles, cdiv(budget, channel_blocks), 65535))
+    pmin, pmax, pbad, _ = partials(x.device, splits, channels)
+    grid = (channel_blocks, splits)
+    if inner == 1:
+        args = (x, pmin, pmax, pbad, outer, channels, row_tiles)
+        _ROWS(grid, args, args[:1] + args[4:], BLOCK_R=block_r, BLOCK_C=block_c)
+    else:
+        args = (x, pmin, pmax, pbad, channels, inner, tiles_per_row, num_tiles)
+        _INNER(grid, args, args[:1] + args[4:], BLOCK_C=block_c, BLOCK_I=block_i)
     ema = averaging_constant is not None
-    block_c = min(triton.next_power_of_2(channels), 128)
-    block_s = min(triton.next_power_of_2(splits), max(2048 // block_c, 1))
-    _channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
-        pmin[0], pmin[1], pbad, splits, channels, running_min, running_max, seen, x.numel(),
-        float(averaging_constant) if ema else 0.0, BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema,
-        **launch_options(4),
-    )  # fmt: skip
+    block_c = min(next_power_of_2(channels), 128)
+    block_s = min(next_power_of_2(splits), max(2048 // block_c, 1))
+    args = (pmin, pmax, pbad, splits, channels, running_min, running_max, seen, x.numel(),
+            float(averaging_constant) if ema else 0.0)  # fmt: skip
+    _CHANNEL_FINALIZE((cdiv(channels, block_c),), args, args[3:9], BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema)

@@ -38,11 +38,14 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    Launcher,
     accumulate_partials,
+    cdiv,
     finalize_channels,
-    launch_options,
     load_finite,
     max_programs,
+    next_power_of_2,
+    partials,
     reduce_partials_and_count,
     resident_programs,
     store_channel_partials,
@@ -308,18 +311,23 @@ def _remember(kernel, x: torch.Tensor, compiled) -> None:
         _resident[key] = resident_programs(compiled.n_regs, shared, NUM_WARPS, props)
 
 
+_PER_TENSOR = Launcher(_one_launch_kernel, NUM_WARPS)
+_ROWS = Launcher(_rows_one_launch_kernel, NUM_WARPS)
+_INNER = Launcher(_inner_one_launch_kernel, NUM_WARPS)
+
+
 def minmax_update_(x: torch.Tensor, state, c: float | None) -> None:
     """The per-tensor update of ``minmax.minmax_update_`` on a checked, contiguous, non-empty ``x``."""
     n = x.numel()
     block = block_for(x.element_size())
     budget = max_programs(x, programs_per_sm(_one_launch_kernel, x))
-    programs = max(1, min(budget, triton.cdiv(n, block * UNROLL)))
-    pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
-    pbad = torch.zeros(programs + 1, dtype=torch.int64, device=x.device)  # the last slot holds the ticket
-    compiled = _one_launch_kernel[(programs,)](
-        x, pmin, pmin[programs:], pbad, pbad[programs:].view(torch.int32), state.running_min,
-        state.running_max, state.seen, n, 0.0 if c is None else float(c), BLOCK=block, UNROLL=UNROLL,
-        BLOCK_P=max(triton.next_power_of_2(programs), 16), EMA=c is not None, **launch_options(NUM_WARPS),
+    programs = max(1, min(budget, cdiv(n, block * UNROLL)))
+    pmin, pmax, pbad, ticket = partials(x.device, programs, None, 1)
+    args = (x, pmin, pmax, pbad, ticket, state.running_min, state.running_max, state.seen, n,
+            0.0 if c is None else float(c))  # fmt: skip
+    compiled = _PER_TENSOR(
+        (programs,), args, (x, *state, n), BLOCK=block, UNROLL=UNROLL,
+        BLOCK_P=max(next_power_of_2(programs), 16), EMA=c is not None,
     )  # fmt: skip
     _remember(_one_launch_kernel, x, compiled)
 
@@ -336,36 +344,36 @@ def minmax_per_channel_update_(
     kernel = _rows_one_launch_kernel if inner == 1 else _inner_one_launch_kernel
     budget = max_programs(x, programs_per_sm(kernel, x))
     if inner == 1:
-        block_c = min(triton.next_power_of_2(channels), 128 if x.is_cuda else 1024)
+        block_c = min(next_power_of_2(channels), 128 if x.is_cuda else 1024)
         block_r = max(TILE // block_c, 1)
-        channel_blocks = triton.cdiv(channels, block_c)
-        splits = max(1, min(triton.cdiv(outer, block_r * ROW_UNROLL), budget // channel_blocks, 65535))
+        channel_blocks = cdiv(channels, block_c)
+        splits = max(1, min(cdiv(outer, block_r * ROW_UNROLL), budget // channel_blocks, 65535))
     else:
         block_i = _largest_pow2_divisor(inner, TILE)
         even = block_i >= 32
         if not even:
-            block_i = min(triton.next_power_of_2(inner), TILE)
-        block_c = min(max(TILE // block_i, 1), triton.next_power_of_2(channels))
+            block_i = min(next_power_of_2(inner), TILE)
+        block_c = min(max(TILE // block_i, 1), next_power_of_2(channels))
         even = even and channels % block_c == 0
-        channel_blocks = triton.cdiv(channels, block_c)
-        tiles_per_row = triton.cdiv(inner, block_i)
+        channel_blocks = cdiv(channels, block_c)
+        tiles_per_row = cdiv(inner, block_i)
         num_tiles = outer * tiles_per_row
-        splits = max(1, min(num_tiles, triton.cdiv(budget, channel_blocks), 65535))
-    pmin = torch.empty((2, splits, channels), dtype=torch.float32, device=x.device)
-    pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
-    tickets = torch.zeros(channel_blocks, dtype=torch.int32, device=x.device)
+        splits = max(1, min(num_tiles, cdiv(budget, channel_blocks), 65535))
+    pmin, pmax, pbad, tickets = partials(x.device, splits, channels, channel_blocks)
+    common = (pmin, pmax, pbad, tickets, *state)
     grid = (channel_blocks, splits)
-    block_s = min(triton.next_power_of_2(splits), FINALIZE_SPLITS)
-    common = (pmin[0], pmin[1], pbad, tickets, state.running_min, state.running_max, state.seen)
+    block_s = min(next_power_of_2(splits), FINALIZE_SPLITS)
     ema, cf = c is not None, 0.0 if c is None else float(c)
     if inner == 1:
-        compiled = kernel[grid](
-            x, *common, outer, channels, x.numel(), cf, BLOCK_R=block_r, BLOCK_C=block_c, UNROLL=ROW_UNROLL,
-            BLOCK_S=block_s, EVEN_C=channels % block_c == 0, EMA=ema, **launch_options(NUM_WARPS),
+        args = (x, *common, outer, channels, x.numel(), cf)
+        compiled = _ROWS(
+            grid, args, (x, *state, outer, channels, x.numel()), BLOCK_R=block_r, BLOCK_C=block_c,
+            UNROLL=ROW_UNROLL, BLOCK_S=block_s, EVEN_C=channels % block_c == 0, EMA=ema,
         )  # fmt: skip
     else:
-        compiled = kernel[grid](
-            x, *common, channels, inner, tiles_per_row, num_tiles, x.numel(), cf, BLOCK_C=block_c,
-            BLOCK_I=block_i, BLOCK_S=block_s, EVEN=even, EMA=ema, **launch_options(NUM_WARPS),
+        args = (x, *common, channels, inner, tiles_per_row, num_tiles, x.numel(), cf)
+        compiled = _INNER(
+            grid, args, (x, *state, *args[8:13]), BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_S=block_s,
+            EVEN=even, EMA=ema,
         )  # fmt: skip
     _remember(kernel, x, compiled)

@@ -15,6 +15,7 @@ from mono_quant.state import HistogramState, RangeState
 pytestmark = pytest.mark.gpu
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+from mono_quant.kernels import _common  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
@@ -69,9 +70,11 @@ def test_histogram_strategies_on_cuda(strategy):
 MINMAX_OBSERVERS = OBSERVERS[:4]
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("kernel", kmm.MINMAX_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_minmax_kernels_on_cuda(kernel, dtype):
+def test_minmax_kernels_on_cuda(kernel, dtype, fast, monkeypatch):
+    monkeypatch.setattr(_common, "FAST_LAUNCH", fast)  # the scratch cache and direct launches (opt-in)
     # past several waves of persistent programs, NaN/Inf in the tiles of chosen programs (the one-launch
     # kernel re-reads those) and in the ragged tail; per channel on [tokens, hidden] and NCHW
     block = kol.block_for(torch.empty(0, dtype=dtype).element_size()) * kol.UNROLL
@@ -103,12 +106,15 @@ def test_minmax_kernels_on_cuda(kernel, dtype):
             assert torch.equal(g, w), (kernel, shape, axis)
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("kernel", kmm.MINMAX_KERNELS)
 @pytest.mark.parametrize("cls,kwargs", MINMAX_OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
-def test_minmax_kernels_never_sync_and_replay(kernel, cls, kwargs, monkeypatch):
+def test_minmax_kernels_never_sync_and_replay(kernel, cls, kwargs, fast, monkeypatch):
     # every MinMax kernel as the default: forward stays sync-free and a captured CUDA graph replays it
-    # exactly (the one-launch kernel's ticket is back at 0 after every launch)
+    # exactly (the one-launch kernel's ticket is back at 0 after every launch), with and without the
+    # scratch cache and the direct launches (a graph being captured takes fresh scratch)
     monkeypatch.setattr(kmm, "MINMAX_KERNEL", kernel)
+    monkeypatch.setattr(_common, "FAST_LAUNCH", fast)
     test_forward_never_syncs(cls, kwargs, "triton")
     test_cuda_graph_replay_equals_eager(cls, kwargs)
 

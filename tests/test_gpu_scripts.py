@@ -38,7 +38,7 @@ def test_gate_passes_and_catches_a_difference(tmp_path, monkeypatch):
     from mono_quant import reference
 
     gate = _load("gpu_gate")
-    args = ["--smoke", "--out", str(tmp_path), "--dtypes", "float32", "--only", "minmax,histc"]
+    args = ["--smoke", "--out", str(tmp_path), "--dtypes", "float32", "--only", "minmax[two_launch],histc"]
     assert gate.main(args) == 0
     results = json.loads((tmp_path / "gate.json").read_text())["results"]
     assert {r["kernel"].split("[")[0] for r in results} == {"minmax", "histogram"} and all(

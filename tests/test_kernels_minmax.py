@@ -20,7 +20,7 @@ kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not instal
 import triton  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
-from mono_quant.kernels._common import resident_programs  # noqa: E402
+from mono_quant.kernels._common import launch_options, resident_programs  # noqa: E402
 
 
 # --- the oracle: float64, a few lines, obviously right -----------------------------------------------------
@@ -284,7 +284,7 @@ def test_channel_finalize_reduces_every_split(splits, channels, block_s, block_c
     bad = int(pbad.sum())
     kmm._channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
         pmin, pmax, pbad, splits, channels, run_min, run_max, seen, 1000, c or 0.0,
-        BLOCK_S=block_s, BLOCK_C=block_c, EMA=c is not None, **kmm.launch_options(4),
+        BLOCK_S=block_s, BLOCK_C=block_c, EMA=c is not None, **launch_options(4),
     )  # fmt: skip
     assert_state([run_min, run_max, seen], [want_min, want_max, torch.tensor([1100 - bad, 7 + bad, 3])])
 
