@@ -259,7 +259,7 @@ def round4(v: int) -> int:
 def partials(device: torch.device, rows: int, cols: int | None = None, tickets: int = 0):
     """Scratch for one update: ``(pmin, pmax, pbad, tickets)``, float32, float32 and int64 partials of shape
     ``(rows,)`` or ``(rows, cols)`` (written before they are read: not initialized) and ``(tickets,)`` int32
-    tickets, zero. Each starts 16-byte aligned (``Launcher`` relies on it: every launch sees the same).
+    tickets, zero (``None`` for none).
 
     With ``FAST_LAUNCH`` (``MONO_QUANT_FAST_LAUNCH=1``), outside CUDA-graph capture, they are views of
     buffers cached per (device, current stream), grown to the next power of two when a call needs more,
@@ -268,21 +268,34 @@ def partials(device: torch.device, rows: int, cols: int | None = None, tickets: 
     them (another stream has buffers of its own); the partials are written before they are read; the
     tickets are zero before a launch and every kernel that takes one puts it back to 0 before it ends. A
     graph being captured gets fresh buffers from its own memory pool (tickets zeroed by a captured
-    memset), never the cache: a replay may run at any later time, beside eager updates.
-    Without ``FAST_LAUNCH``: fresh buffers every call.
+    memset), never the cache: a replay may run at any later time, beside eager updates. Every cached view
+    starts 16-byte aligned, so that the compiled kernels ``Launcher`` keeps (only under ``FAST_LAUNCH``)
+    always see the same alignment. Without ``FAST_LAUNCH``: fresh buffers every call.
     """
     shape = (rows,) if cols is None else (rows, cols)
-    key = None
-    if FAST_LAUNCH and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        key = (device, _raw_stream(device) if device.type == "cuda" else 0)
-        entry = _SCRATCH.get(key)
-        if entry is not None and (shape, tickets) in entry["views"]:
-            return entry["views"][(shape, tickets)]
     size = rows * (cols or 1)
+    if not FAST_LAUNCH:  # as few allocations and views as can be (no kernel is called directly)
+        pmin = torch.empty((2, *shape), dtype=torch.float32, device=device)
+        pbad = torch.empty(shape, dtype=torch.int64, device=device)
+        return (
+            pmin[0],
+            pmin[1],
+            pbad,
+            torch.zeros(tickets, dtype=torch.int32, device=device) if tickets else None,
+        )
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # fresh, aligned as the cache's
+        return _views(
+            (torch.empty(2 * round4(size), dtype=torch.float32, device=device),
+             torch.empty(size, dtype=torch.int64, device=device),
+             torch.zeros(tickets, dtype=torch.int32, device=device)), shape, size, tickets,
+        )  # fmt: skip
+    key = (device, _raw_stream(device) if device.type == "cuda" else 0)
+    entry = _SCRATCH.get(key)
+    if entry is not None and (shape, tickets) in entry["views"]:
+        return entry["views"][(shape, tickets)]
     need = (2 * round4(size), size, tickets)
-    entry = _SCRATCH.get(key) if key else None
     if entry is None or any(buf.numel() < n for buf, n in zip(entry["buffers"], need, strict=True)):
-        grow = (lambda v: 1 << max((v - 1).bit_length(), 15)) if key else (lambda v: max(v, 1))
+        grow = lambda v: 1 << max((v - 1).bit_length(), 15)
         sizes = (
             need
             if entry is None
@@ -293,18 +306,19 @@ def partials(device: torch.device, rows: int, cols: int | None = None, tickets: 
             torch.empty(grow(sizes[1]), dtype=torch.int64, device=device),
             torch.zeros(grow(sizes[2]), dtype=torch.int32, device=device),
         )
-        entry = {"buffers": buffers, "views": {}}
-        if key:
-            _SCRATCH[key] = entry
-    f32, i64, i32 = entry["buffers"]
-    second = round4(size)  # pmax starts 16 bytes aligned
-    views = (f32[:size].view(shape), f32[second : second + size].view(shape), i64[:size].view(shape),
-             i32[:tickets])  # fmt: skip
-    if key:
-        if len(entry["views"]) >= 64:  # shapes come and go: keep the cache small
-            entry["views"].clear()
-        entry["views"][(shape, tickets)] = views
+        entry = _SCRATCH[key] = {"buffers": buffers, "views": {}}
+    views = _views(entry["buffers"], shape, size, tickets)
+    if len(entry["views"]) >= 64:  # shapes come and go: keep the cache small
+        entry["views"].clear()
+    entry["views"][(shape, tickets)] = views
     return views
+
+
+def _views(buffers, shape, size, tickets):
+    f32, i64, i32 = buffers
+    second = round4(size)  # pmax starts 16 bytes aligned
+    return (f32[:size].view(shape), f32[second : second + size].view(shape), i64[:size].view(shape),
+            i32[:tickets])  # fmt: skip
 
 
 def _raw_stream(device: torch.device) -> int:
