@@ -5,8 +5,9 @@
 #   0. installs the package (kernels/ becomes mono_quant.kernels only through the install; a copy on
 #      PYTHONPATH if pip cannot install here), and the wheels in $WHEELS (default .whl, e.g. ModelOpt's:
 #      benchmarks/README.md) into /tmp/site when that folder holds any;
-#   1. gate (T_GATE): benchmarks/gpu_gate.py, every kernel, default and opt-in (MinMax kernels, every
-#      histogram binning in HIST_STRATEGIES), on CUDA against the torch path, bit for bit: $OUT/gate.json;
+#   1. gate (T_GATE): benchmarks/gpu_gate.py, every kernel, default and opt-in (MinMax kernels with and
+#      without the fast launch, every histogram binning in HIST_STRATEGIES), on CUDA against the torch
+#      path, bit for bit, one process per kernel, 8 at a time (compiling is CPU-bound): $OUT/gate.json;
 #   2. tests (T_TESTS): every gpu-marked test under tests/ (CUDA vs torch, > 2**31 elements, sync-free
 #      forward, CUDA-graph replay, torch.compile), on several processes when pytest-xdist is there, each
 #      test under a time limit when pytest-timeout is: $OUT/gpu_tests.log;
@@ -29,8 +30,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/results/latest}"
 mkdir -p "$OUT"
 SMOKE="${SMOKE:-0}"
-T_GATE="${T_GATE:-90}" T_TESTS="${T_TESTS:-150}" T_BENCH="${T_BENCH:-150}" T_LLM="${T_LLM:-60}"
-T_SUITE="${T_SUITE:-200}"
+x=1 && [ "$SMOKE" = 1 ] && x=10  # the interpreter on 2 CPU cores: the H200's limits times ten
+T_GATE="${T_GATE:-$((90 * x))}" T_TESTS="${T_TESTS:-$((150 * x))}" T_BENCH="${T_BENCH:-$((150 * x))}"
+T_LLM="${T_LLM:-$((60 * x))}" T_SUITE="${T_SUITE:-$((200 * x))}"
 STEPS="${STEPS:-gate tests bench llm summary}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 WHEELS="${WHEELS:-.whl}"
@@ -39,10 +41,10 @@ LOG="$OUT/gpu_check.log"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1
-    SM=(--smoke) SIZES=4096 LLM_SIZES=4400
+    SM=(--smoke) SIZES=4096 LLM_SIZES=4400 JOBS=2
 else
     export TRITON_INTERPRET=0  # tests/conftest.py would otherwise turn the interpreter on
-    SM=() SIZES=1e8,1e9 LLM_SIZES=1e8
+    SM=() SIZES=1e8,1e9 LLM_SIZES=1e8 JOBS=8
 fi
 export PYTHONUNBUFFERED=1
 
@@ -79,7 +81,7 @@ step() {  # step NAME LIMIT CMD...: run CMD under LIMIT seconds, output to the l
 }
 
 if has gate; then
-    step gate "$T_GATE" python3 benchmarks/gpu_gate.py "${SM[@]}" --out "$OUT"
+    step gate "$T_GATE" python3 benchmarks/gpu_gate.py "${SM[@]}" --jobs "$JOBS" --out "$OUT"
     grep -E "^(gate|FAIL)" "$LOG" | tail -20
 fi
 

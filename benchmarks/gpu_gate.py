@@ -196,15 +196,70 @@ def _histogram(strategy, x, state):
     khist.histogram_update_(x, state, strategy=strategy)
 
 
+def _kernel_names() -> list[str]:
+    """The ``--only`` names of every kernel the gate runs (each picks exactly that kernel)."""
+    from mono_quant.kernels import _common
+    from mono_quant.kernels import histogram as khist
+    from mono_quant.kernels import minmax as kmm
+
+    fast = (False, True) if hasattr(_common, "FAST_LAUNCH") else (False,)
+    names = [f"minmax[{k}{'+fast_launch' if f else ''}]" for k in getattr(kmm, "MINMAX_KERNELS", ("default",))
+             for f in fast]  # fmt: skip
+    return names + [f"histogram[{s}]" for s in khist.HIST_STRATEGIES]
+
+
+def _parallel(args, jobs: int) -> int:
+    """The gate as one process per kernel, ``jobs`` at a time (compiling is CPU-bound and each process
+    compiles its own kernels), merged into one ``gate.json``."""
+    import subprocess
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str):
+        out = tempfile.mkdtemp(prefix="gate-")
+        cmd = [sys.executable, __file__, "--out", out, "--only", name, "--jobs", "1"]
+        cmd += ["--smoke"] * args.smoke + (["--dtypes", args.dtypes] if args.dtypes else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            with open(os.path.join(out, "gate.json")) as f:
+                return done, json.load(f)
+        except (OSError, ValueError):
+            return done, None
+
+    merged, failed, names = {"meta": None, "results": []}, 0, _kernel_names()
+    with ThreadPoolExecutor(jobs) as pool:
+        for name, (done, data) in zip(names, pool.map(run, names), strict=True):
+            print(done.stdout, end="", flush=True)
+            if data is None or done.returncode not in (0, 1):
+                print(f"FAIL {name}: the gate process ended with {done.returncode}\n{done.stderr[-2000:]}")
+                merged["results"].append(
+                    {"kernel": name, "case": "process", "ok": False, "detail": done.stderr[-2000:]}
+                )
+                failed += 1
+                continue
+            merged["meta"] = merged["meta"] or data["meta"]
+            merged["results"] += data["results"]
+            failed += data["failed"]
+    merged["failed"] = failed
+    with open(os.path.join(args.out, "gate.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    print(f"gate: {'passed' if not failed else f'{failed} case(s) FAILED'} ({len(merged['results'])} cases, "
+          f"{len(names)} processes)")  # fmt: skip
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="small sizes on CPU under the Triton interpreter")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gate.json")
     p.add_argument("--only", help="comma list: run the kernels whose name holds one of these (minmax, histc)")
     p.add_argument("--dtypes", help="comma list of torch dtypes (default float32,bfloat16,float16,float64)")
+    p.add_argument("--jobs", type=int, default=1, help="processes at a time, one per kernel (default 1)")
     args = p.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "1" if args.smoke else "0"  # before the kernels are imported
     os.makedirs(args.out, exist_ok=True)
+    if args.jobs > 1 and not args.only:
+        return _parallel(args, args.jobs)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else None
     return gate(args.smoke, args.out, args.only.split(",") if args.only else None, dtypes)
 

@@ -1,9 +1,15 @@
-"""Helpers shared by the kernel files: input checks, launch sizes, and the jit helpers for loading.
+"""Helpers shared by the kernel files: input checks, launch sizes, the jit helpers of the reductions
+(loading, partials, the range update) and the host side of a launch (scratch, direct launches).
 
 Launch sizes. On CUDA a reduction runs as a persistent grid of about ``PROGRAMS_PER_SM`` programs per
-SM, each looping over tiles with a grid stride (enough loads in flight to fill the memory system, and a
-partial result per program that a tiny finalize kernel reduces). Under ``TRITON_INTERPRET=1`` every
-program is run in Python one after the other, so few programs with large tiles are used instead.
+SM (or as many as fit at once: ``resident_programs``), each looping over tiles with a grid stride
+(enough loads in flight to fill the memory system, and a partial result per program). Under
+``TRITON_INTERPRET=1`` every program is run in Python one after the other, so few programs with large
+tiles are used instead.
+
+Host time. ``partials`` hands out an update's scratch and ``Launcher`` launches a kernel; with
+``MONO_QUANT_FAST_LAUNCH=1`` (opt-in) the scratch is cached per (device, stream) and a compiled kernel is
+called directly when the launch's specialization matches one seen before.
 """
 
 from __future__ import annotations
@@ -17,11 +23,8 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# 6, not 8: MinMax on an H200 (2026-11-29, three runs, same-run medians) took 1.23 ms at 1e9 fp32 values
-# with 6 programs per SM against 1.32-1.33 ms with 8 (bf16: 0.795 against 0.821), and as fast or faster at
-# 1e6 and 1e8. At about 80 registers and 256 threads 3 programs fit on an SM at once: 6 (or 3, or 12) make
-# whole waves, 8 leaves a partial third one. 6 is also a multiple of the 2 that fit of the ~100-register
-# per-channel kernels (those were not timed apart).
+# The two-launch kernels take about 80 registers at 256 threads: 3 programs fit on an SM at once, and 6
+# make whole waves (the H200 measurements behind it: benchmarks/README.md, "Launch shapes").
 PROGRAMS_PER_SM = 6
 INTERPRETER_PROGRAMS = 4
 # the default load cache modifier of the reductions' jit helpers; a constexpr, since Triton 3.6 passes a
@@ -69,8 +72,8 @@ def launch_options(num_warps: int) -> dict:
     """Keywords of every kernel launch: ``num_warps``, and no FP fusion.
 
     Without fusion no ``a * b + c`` becomes an FMA, so float results are those of the torch twins'
-    separately rounded ops (with Triton's default, fusion on, the EMA ``run + c * (cur - run)`` differed in
-    the last bits on the H200), and they stay so when Triton's default flips (3.9 warns it will in 3.10).
+    separately rounded ops (with fusion the EMA ``run + c * (cur - run)`` is rounded once instead of twice),
+    and they stay so when Triton's default flips (3.9 warns it will in 3.10).
     ``benchmarks/compile_sm90.py`` checks that no kernel's PTX holds an FMA.
     """
     return {"num_warps": num_warps, "enable_fp_fusion": False}

@@ -1,18 +1,21 @@
 """Fused min/max kernels: finite min and max, non-finite count and the observer update, per tensor and per
 channel. Twins of ``mono_quant.reference.minmax_update_`` and ``minmax_per_channel_update_``.
 
-Each update is a two-stage reduction, two launches, no atomics on floats and no host read:
+Two families, the same results bit for bit, chosen per call (``MINMAX_KERNEL``, from
+``MONO_QUANT_MINMAX_KERNEL``; the launchers' ``kernel=``):
 
-1. a persistent partial kernel reads the input once (native fp32/bf16/fp16, fp64 cast in registers) and
-   writes per-program partials: min and max of the finite values (``+inf``/``-inf`` if none) and the
-   number of non-finite values;
-2. a tiny finalize kernel reduces the partials and applies the update in place: the min/max merge, or the
-   moving average ``run + c * (batch - run)`` (started by the first finite batch, a batch with nothing
-   finite leaves it), and ``seen += [numel - nonfinite, nonfinite, 1]``.
-
-Two stages rather than float atomics plus a last-program-done ticket: the partials need no zeroing (each
-program writes its own slot), the result is deterministic, the kernels are safe to capture in a CUDA
-graph, and the finalize costs one launch of one program (or one per channel block).
+- ``"two_launch"`` (the default; this file): a two-stage reduction, no atomics on floats, no host read.
+  1. a persistent partial kernel reads the input once (native fp32/bf16/fp16, fp64 cast in registers),
+     filtering every value, and writes per-program partials: min and max of the finite values
+     (``+inf``/``-inf`` if none) and the number of non-finite values;
+  2. a tiny finalize kernel reduces the partials and applies the update in place: the min/max merge, or
+     the moving average (``_common.ema_update``; started by the first finite batch, a batch with nothing
+     finite leaves it), and ``seen += [numel - nonfinite, nonfinite, 1]``.
+  The partials need no zeroing (each program writes its own slot) and the kernels are safe to capture
+  in a CUDA graph.
+- ``"one_launch"`` (opt-in until an H200 run shows it faster: ``minmax_one_launch.py``): no per-value
+  filtering in the hot loop, an exact re-read of a program's tiles only where it saw a non-finite value,
+  and the last program to finish applies the update.
 
 Per channel, the input is viewed as ``[O, C, I]`` around the channel axis. ``I == 1`` (``[tokens,
 hidden]`` with ``ch_axis=-1``, or any last axis) uses row tiles ``[BLOCK_R, BLOCK_C]`` that are
@@ -85,8 +88,8 @@ def _partial_kernel(
 ):
     """Partials of one persistent program over ``x``.
 
-    x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``, P = number of programs.
-    Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK`` elements.
+    x: [in] ``(n,)`` contiguous. pmin, pmax: [out] float32 ``(P,)``; pbad: [out] int64 ``(P,)``, P = number
+    of programs. Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK`` elements.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -118,8 +121,8 @@ def _finalize_kernel(
 ):
     """Reduce the partials and update the state in place. Grid: ``(1,)``.
 
-    pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``. rmin, rmax: float32 ``()``; seen: int64 ``(3,)``.
-    ``c``: the averaging constant (used when ``EMA``).
+    pmin, pmax: [in] float32 ``(P,)``; pbad: [in] int64 ``(P,)``. rmin, rmax: [in, out] float32 ``()``;
+    seen: [in, out] int64 ``(3,)``. ``c``: the averaging constant (used when ``EMA``).
     """
     mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
     update_range(rmin_ptr, rmax_ptr, 0, True, mn, mx, c, EMA)
@@ -139,7 +142,8 @@ def _rows_partial_kernel(
 ):
     """Per-channel partials of ``x`` viewed as ``[R, C]`` (channel axis last, contiguous).
 
-    pmin, pmax: float32 ``(S, C)``; pbad: int64 ``(S, C)``, non-finite values per channel.
+    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``, non-finite values per
+    channel.
     Grid: ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads row tiles ``s, s + S, ...`` of channel block
     ``cb``, keeps a ``[BLOCK_R, BLOCK_C]`` running min/max and reduces the rows once at the end.
     """
@@ -176,11 +180,11 @@ def _inner_partial_kernel(
 ):
     """Per-channel partials of ``x`` viewed as ``[O, C, I]`` with ``I > 1`` (contiguous).
 
-    pmin, pmax: float32 ``(S, C)``; pbad: int64 ``(S, C)``. Grid: ``(cdiv(C, BLOCK_C), S)``; program
-    ``(cb, s)`` reads tiles ``s, s + S, ...`` of channel block ``cb``; tile ``t = o * tiles_per_row + j``
-    holds ``x[o, cb * BLOCK_C : (cb + 1) * BLOCK_C, j * BLOCK_I : (j + 1) * BLOCK_I]``. Small ``I`` (conv
-    activations along ``ch_axis=1``) packs several channels in a tile, large ``I`` (``ch_axis=0``) gives
-    ``BLOCK_C = 1`` and long contiguous rows; one scalar division per tile.
+    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``. Grid:
+    ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads tiles ``s, s + S, ...`` of channel block ``cb``;
+    tile ``t = o * tiles_per_row + j`` holds ``x[o, cb * BLOCK_C : (cb + 1) * BLOCK_C, j * BLOCK_I : (j + 1)
+    * BLOCK_I]``. Small ``I`` (conv activations along ``ch_axis=1``) packs several channels in a tile, large
+    ``I`` (``ch_axis=0``) gives ``BLOCK_C = 1`` and long contiguous rows; one scalar division per tile.
     """
     cb = tl.program_id(0)
     s = tl.program_id(1)
@@ -219,10 +223,9 @@ def _channel_finalize_kernel(
 ):
     """Reduce ``(S, C)`` partials over ``S`` and update the per-channel state in place.
 
-    rmin, rmax: float32 ``(C,)``; seen: int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; each program reads
-    ``[BLOCK_S, BLOCK_C]`` tiles of partials (a split at a time was one dependent round trip to memory per
-    split: about 1.4 us each, by the H200 timings of per-channel against per-tensor) and adds its channels'
-    non-finite count to ``seen`` with integer atomics (order-free, so exact).
+    pmin, pmax: [in] float32 ``(S, C)``; pbad: [in] int64 ``(S, C)``. rmin, rmax: [in, out] float32 ``(C,)``;
+    seen: [in, out] int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; program ``cb`` reduces channel block
+    ``cb`` (``_common.finalize_channels``).
     """
     finalize_channels(
         pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, tl.program_id(0), rmin_ptr, rmax_ptr, seen_ptr, n, c,
