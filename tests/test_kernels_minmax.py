@@ -131,7 +131,7 @@ def _check(kernel, xs, c, ch_axis=None, shape=()):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("n", [1, 2, 7, B - 1, B, B + 1, 3 * B + 5])
+@pytest.mark.parametrize("n", [1, 7, B - 1, B + 1, 3 * B + 5])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [None, 0.25])
 def test_minmax_matches_reference_and_oracle(kernel, n, dtype, c):
@@ -215,8 +215,9 @@ def _channel_batches(shape, dtype):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("shape,axis", PER_CHANNEL)
-@pytest.mark.parametrize("c", [None, 0.1])
+@pytest.mark.parametrize(
+    "shape,axis,c", [(shape, axis, (None, 0.1)[i % 2]) for i, (shape, axis) in enumerate(PER_CHANNEL)]
+)  # min/max and the EMA in turn
 def test_per_channel_matches_reference_and_oracle(kernel, shape, axis, c):
     _check(kernel, _channel_batches(shape, torch.float32), c, axis, (shape[axis],))
 
