@@ -22,6 +22,7 @@ from mono_quant.kernels import _binning as kbin  # noqa: E402
 from mono_quant.kernels import _smem as kbin_smem  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
+from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
 from mono_quant.kernels._common import launch_options  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -56,6 +57,7 @@ def _cases():
     )
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
+    yield from _one_launch_cases()
 
 
 # ---- the histogram kernels: compiled as launched (pointers 16-byte aligned), with instruction checks ----
@@ -170,16 +172,76 @@ def _check_histograms(target) -> bool:
     return failed
 
 
+def _aligned(sig: dict, *ints: str) -> dict:
+    """The ``attrs`` of a launch on 16-byte aligned tensors: every pointer, and the integers ``ints``,
+    divisible by 16, as the JIT specializes them (without it the compile shows scalar loads that no
+    aligned launch runs)."""
+    return {
+        (i,): [["tt.divisibility", 16]] for i, (k, t) in enumerate(sig.items()) if t[0] == "*" or k in ints
+    }
+
+
+def _one_launch_cases():
+    """The one-launch MinMax kernels (opt-in), each with what its PTX must hold: NaN-propagating min/max in
+    the hot loop, 16-byte loads, the acquire-release ticket and the partials read through L2."""
+    state = {"rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64}
+    needles = ("max.NaN.f32", "min.NaN.f32", "atom.global.gpu.acq_rel.add", "ld.global.cg", ".v4.b32")
+    for dtype, elem in (("*fp32", 4), ("*bf16", 2)):
+        sig = {"x_ptr": dtype, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "ticket_ptr": "*i32",
+               **state, "n": "i64", "c": "fp32"}  # fmt: skip
+        block = kol.block_for(elem)
+        consts = {"BLOCK": block, "UNROLL": kol.UNROLL, "BLOCK_P": 1024, "EMA": True}
+        yield (
+            f"one_launch_{dtype[1:]}",
+            kol._one_launch_kernel,
+            sig,
+            consts,
+            kol.NUM_WARPS,
+            _aligned(sig),
+            needles,
+        )
+    part = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "tickets_ptr": "*i32", **state}
+    rows = dict(part, R="i32", C="i32", n="i64", c="fp32")
+    consts = {"BLOCK_R": kol.TILE // 128, "BLOCK_C": 128, "UNROLL": kol.ROW_UNROLL,
+              "BLOCK_S": kol.FINALIZE_SPLITS, "EVEN_C": True, "EMA": True}  # fmt: skip
+    yield (
+        "one_launch_rows",
+        kol._rows_one_launch_kernel,
+        rows,
+        consts,
+        kol.NUM_WARPS,
+        _aligned(rows, "C"),
+        needles,
+    )
+    inner = dict(part, C="i32", INNER="i32", tiles_per_row="i32", num_tiles="i32", n="i64", c="fp32")
+    consts = {"BLOCK_C": kol.TILE // 512, "BLOCK_I": 512, "BLOCK_S": kol.FINALIZE_SPLITS, "EVEN": True,
+              "EMA": True}  # fmt: skip
+    yield (
+        "one_launch_inner",
+        kol._inner_one_launch_kernel,
+        inner,
+        consts,
+        kol.NUM_WARPS,
+        _aligned(inner),
+        needles,
+    )
+
+
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     spilled = False
-    for name, fn, sig, consts, warps in _cases():
+    for name, fn, sig, consts, warps, *aligned in _cases():
+        attrs, needles = aligned or ({}, ())
         sig = dict(sig, **{k: "constexpr" for k in consts})
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                                options=launch_options(warps))  # fmt: skip
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        kernel = triton.compile(src, target=target, options=launch_options(warps))
         if "fma." in kernel.asm["ptx"]:
             print(f"{name}: launched without FP fusion (launch_options), yet its PTX holds an FMA")
             spilled = True
+        for needle in needles:  # the instructions its design relies on
+            if needle not in kernel.asm["ptx"]:
+                print(f"{name}: its PTX holds no {needle}")
+                spilled = True
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(kernel.asm["ptx"])
         out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],

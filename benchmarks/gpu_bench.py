@@ -1,12 +1,19 @@
-"""Benchmarks of the observer updates: Triton kernels vs torch path vs torch.ao, with the measured ceiling.
+"""Benchmarks of the observer updates on a GPU: every configuration beside ``x.sum()``, torch.ao and ModelOpt.
 
-For each size and dtype it times (``triton.testing.do_bench``, median ms) one observer update on the same
-tensor: fused min/max, EMA, per-channel (``[tokens, hidden]``, ``ch_axis=-1``), histogram steady state
-(``--strategies``), the torch reference path on the same device, ``torch.ao``'s MinMaxObserver,
-PerChannelMinMaxObserver and HistogramObserver (up to 1e8), a probe of ``torch.histc`` alone on the bin
-numbers, and a plain ``x.sum()`` / ``x.clone()`` as the read and copy bandwidth ceilings. GB/s counts the
-bytes of one read of ``x``. Prints each row as it is measured and rewrites ``gpu_bench.json`` after each
-(size, dtype), so a run cut short keeps its rows.
+For each size and dtype it times (``triton.testing.do_bench``, medians in ms) one observer update on the
+same tensor: MinMax, EMA and per-channel (``[tokens, hidden]``, ``ch_axis=-1``) with each MinMax kernel
+(``kernels.minmax.MINMAX_KERNELS``: the default as ``minmax``, the others as ``minmax_<kernel>``), the
+histogram steady state with each binning (``--strategies``), the torch reference path on the same device,
+``torch.ao``'s observers (its histogram up to 1e8), ModelOpt's ``MaxCalibrator.collect`` and
+``HistogramCalibrator.collect`` (``mo_*``, where ``modelopt`` imports), probes (``torch.histc`` alone, the
+MinMax launcher alone, programs per SM), and a plain ``x.sum()`` / ``x.clone()`` as the read and copy
+ceilings. GB/s counts the bytes of one read of ``x``; ``of_read_ceiling`` is ``x.sum()``'s time over the
+case's; ``default`` marks what a user gets without settings. ``--extra layers,host`` adds two rows of
+issue 11: 200 layers ``[2048, 4096]`` one steady-state step each (``layers_*``), and the host time of one
+update of 1e4 values (``host_*``, wall clock per call over a loop, no synchronization per call). Prints
+each row as it is measured and rewrites ``gpu_bench.json`` after each (size, dtype), so a run cut short
+keeps its rows. ``--summary FOLDER``: the short table of issue 11's rows from the JSONs there (printed,
+and written to ``gpu_check.md``).
 
 ``--smoke``: tiny sizes on CPU under ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench), so the
 script's logic is checked on machines without a GPU; the numbers mean nothing there.
@@ -15,6 +22,7 @@ script's logic is checked on machines without a GPU; the numbers mean nothing th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,7 +35,7 @@ import torch
 def _timer(smoke: bool):
     if smoke:
 
-        def bench(fn, reps=3):
+        def bench(fn, reps=1):  # one call after the warm-up: the interpreter's times mean nothing
             fn()
             t = time.perf_counter()
             for _ in range(reps):
@@ -37,21 +45,73 @@ def _timer(smoke: bool):
         return bench
     import triton.testing
 
-    return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=40)
+    return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def _setting(module, name: str, value, fn):
+    """``fn`` run with ``module.name`` set to ``value`` (an opt-in kernel, as its environment variable
+    would choose it at import), restored after each call."""
+
+    def run():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, old)
+
+    return run
+
+
+def _minmax_kernels():
+    """``(module, names, default)`` of the MinMax kernels (one name, None, before there were several)."""
+    from mono_quant.kernels import minmax as kmm
+
+    return kmm, getattr(kmm, "MINMAX_KERNELS", (None,)), getattr(kmm, "MINMAX_KERNEL", None)
+
+
+def _minmax_variants():
+    """``(suffix, settings)`` of every MinMax configuration: each kernel of ``MINMAX_KERNELS``, with and
+    without ``_common.FAST_LAUNCH``; the default has no settings and suffix ``""``."""
+    from mono_quant.kernels import _common
+
+    kmm, names, default = _minmax_kernels()
+    fast_default = getattr(_common, "FAST_LAUNCH", None)
+    out = []
+    for k in names:
+        for fast in (fast_default,) if fast_default is None else (fast_default, not fast_default):
+            settings = [(kmm, "MINMAX_KERNEL", k)] if k != default else []
+            if fast != fast_default:
+                settings.append((_common, "FAST_LAUNCH", fast))
+            suffix = ("" if k == default else f"_{k}") + (
+                "" if fast == fast_default else "_fast" if fast else "_slow"
+            )
+            out.append((suffix, settings))
+    return out
+
+
+def _with(settings, fn):
+    """``fn`` run under ``settings`` (``(module, name, value)`` each, as ``_setting``)."""
+    for module, name, value in settings:
+        fn = _setting(module, name, value, fn)
+    return fn
 
 
 def _cases(mono_quant, device, strategies):
     """name -> factory(x) returning a zero-argument callable that runs one update on x."""
     mk = lambda cls, **kw: lambda x: (lambda o: lambda: o(x))(cls(**kw).to(device))
-    cases = {
-        "minmax": mk(mono_quant.MinMaxObserver, backend="triton"),
-        "ema": mk(mono_quant.MovingAverageMinMaxObserver, backend="triton"),
+    cases = {}
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: lambda x: _with(settings, f(x))
+        cases[f"minmax{suffix}"] = opt(mk(mono_quant.MinMaxObserver, backend="triton"))
+        cases[f"ema{suffix}"] = opt(mk(mono_quant.MovingAverageMinMaxObserver, backend="triton"))
+        cases[f"per_channel{suffix}"] = opt(lambda x: _per_channel(mono_quant, x, "triton", device))
+    cases.update({
         "minmax_torch": mk(mono_quant.MinMaxObserver, backend="torch"),
         "ema_torch": mk(mono_quant.MovingAverageMinMaxObserver, backend="torch"),
-        "per_channel": lambda x: _per_channel(mono_quant, x, "triton", device),
         "per_channel_torch": lambda x: _per_channel(mono_quant, x, "torch", device),
         "hist_torch": lambda x: _steady_hist(mono_quant, x, "torch", None, device),
-    }
+    })  # fmt: skip
     for s in strategies:
         cases[f"hist_{s}"] = lambda x, s=s: _steady_hist(mono_quant, x, "triton", s, device)
     cases["probe_histc"] = _histc_probe
@@ -61,10 +121,19 @@ def _cases(mono_quant, device, strategies):
     return cases
 
 
+def _is_default(case: str) -> bool:
+    """Whether ``case`` is the configuration a user gets without settings (the observer, ``auto`` backend
+    on CUDA, the default kernel or binning)."""
+    from mono_quant.kernels import histogram as khist
+
+    base = case.removeprefix("layers_").removeprefix("host_")
+    return base in ("minmax", "ema", "per_channel", f"hist_{khist.HIST_STRATEGY}")
+
+
 def _launcher_probe(x):
-    """A probe: the MinMax launcher alone (``kernels.minmax_update_``: its two launches, without the observer
-    and dispatch layers). On small tensors, where the host decides, minmax minus this is our Python per call
-    and this is mostly Triton's launch path (for many small layers: 69 us a call against torch.ao's 52)."""
+    """A probe: the MinMax launcher alone (``kernels.minmax_update_``, without the observer and dispatch
+    layers). On small tensors, where the host decides, minmax minus this is our Python per call and this is
+    mostly Triton's launch path."""
     from mono_quant import kernels
     from mono_quant.state import RangeState
 
@@ -76,20 +145,16 @@ PROGRAMS_PER_SM_PROBES = (3, 4, 8, 12)  # the kernels launch _common.PROGRAMS_PE
 
 
 def _programs_probe(mono_quant, x, k, device):
-    """A probe: MinMax with ``k`` persistent programs per SM instead of ``_common.PROGRAMS_PER_SM`` (whole
-    waves of resident programs: 8 per SM made MinMax 7 % slower than 6 at 1e9 values on the H200)."""
+    """A probe: MinMax with ``k`` persistent programs per SM instead of ``_common.PROGRAMS_PER_SM``."""
     from mono_quant.kernels import _common
 
-    o = mono_quant.MinMaxObserver(backend="triton").to(device)
+    return _setting(
+        _common, "PROGRAMS_PER_SM", k, _bound(mono_quant.MinMaxObserver(backend="triton").to(device), x)
+    )
 
-    def run():
-        default, _common.PROGRAMS_PER_SM = _common.PROGRAMS_PER_SM, k
-        try:
-            o(x)
-        finally:
-            _common.PROGRAMS_PER_SM = default
 
-    return run
+def _bound(observer, x):
+    return lambda: observer(x)
 
 
 def _histc_probe(x):
@@ -144,62 +209,237 @@ def _torch_ao(x):
     return out
 
 
+@functools.cache
+def _modelopt_calibrators():
+    """ModelOpt's ``(MaxCalibrator, HistogramCalibrator)``, or ``None`` where ``modelopt`` does not import."""
+    try:
+        from modelopt.torch.quantization.calib import HistogramCalibrator, MaxCalibrator
+    except Exception as e:  # not installed, or one of its many dependencies missing
+        print(f"ModelOpt not timed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return MaxCalibrator, HistogramCalibrator
+
+
+def _modelopt(x):
+    """ModelOpt's calibrators on the same tensor: ``collect`` of the max (per tensor and per channel, its
+    ``axis`` being the kept one) and of its |x| histogram (2048 bins, ``torch.histc``)."""
+    calibrators = _modelopt_calibrators()
+    if calibrators is None:
+        return {}
+    max_cal, hist_cal = calibrators
+    v = x.view(-1, _hidden(x))
+    mx, pc, h = max_cal(8, None, False), max_cal(8, -1, False), hist_cal(8, None, False, num_bins=2048)
+    h.collect(x)  # its bins now cover x: the steady state, as ours
+    return {
+        "mo_max": lambda: mx.collect(x),
+        "mo_per_channel": lambda: pc.collect(v),
+        "mo_histogram": lambda: h.collect(x),
+    }
+
+
+# --- the rows of many small layers and of host time -----------------------------------------------------
+def _llm_like(shape, dtype, device, seed):
+    """LLM-like activations made on the device (``mono_quant.bench.activation``'s recipe: outlier channels
+    twenty times wider, spikes), so that 200 layers take no time to make."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, generator=gen, device=device)
+    x[:, :: max(1, shape[1] // 8)] *= 20.0
+    spikes = torch.randint(0, x.numel(), (max(1, x.numel() // 100_000),), generator=gen, device=device)
+    x.view(-1)[spikes] *= 50.0
+    return x.to(dtype)
+
+
+def _layer_cases(mono_quant, xs, device):
+    """name -> callable stepping one observer per tensor of ``xs`` (steady state: each has seen its
+    tensor once)."""
+
+    def each(make, update=None):
+        observers = [make() for _ in xs]
+        for o, x in zip(observers, xs):
+            (update or (lambda o, x: o(x)))(o, x)
+        step = update or (lambda o, x: o(x))
+        return lambda: [step(o, x) for o, x in zip(observers, xs)]
+
+    tri = lambda cls, **kw: lambda: cls(backend="triton", **kw).to(device)
+    cases = {}
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: _with(settings, f)
+        cases[f"layers_minmax{suffix}"] = opt(each(tri(mono_quant.MinMaxObserver)))
+        cases[f"layers_per_channel{suffix}"] = opt(each(tri(mono_quant.PerChannelMinMaxObserver, ch_axis=-1)))
+    from mono_quant.kernels import histogram as khist
+
+    cases[f"layers_hist_{khist.HIST_STRATEGY}"] = each(tri(mono_quant.HistogramObserver, bins=2048))
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
+
+    cases["layers_ao_minmax"] = each(lambda: MinMaxObserver().to(device))
+    cases["layers_ao_per_channel"] = each(lambda: PerChannelMinMaxObserver(ch_axis=-1).to(device))
+    if xs[0].dtype != torch.bfloat16 or device == "cpu":  # torch 2.11: no bf16 torch.histc on CUDA
+        cases["layers_ao_histogram"] = each(lambda: HistogramObserver().to(device))
+    calibrators = _modelopt_calibrators()
+    if calibrators is not None:
+        max_cal, hist_cal = calibrators
+        collect = lambda c, x: c.collect(x)
+        cases["layers_mo_max"] = each(lambda: max_cal(8, None, False), collect)
+        cases["layers_mo_per_channel"] = each(lambda: max_cal(8, -1, False), collect)
+        cases["layers_mo_histogram"] = each(lambda: hist_cal(8, None, False, num_bins=2048), collect)
+    cases["layers_read_ceiling_sum"] = lambda: [x.sum() for x in xs]
+    return cases
+
+
+def _host_ms(fn, device, calls: int) -> float:
+    """Wall-clock ms per call of ``fn`` over a loop of ``calls`` calls without synchronizing in between
+    (the host's cost per update where the GPU keeps up), the median of five loops."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / calls * 1e3)
+    return sorted(times)[2]
+
+
+def _host_cases(mono_quant, x, device):
+    """name -> callable: one update of ``x`` (1e4 values) by each observer, torch.ao's and ModelOpt's."""
+    tri = lambda cls, **kw: cls(backend="triton", **kw).to(device)
+    cases = {}
+    for suffix, settings in _minmax_variants():
+        opt = lambda f, settings=settings: _with(settings, f)
+        cases[f"host_minmax{suffix}"] = opt(_bound(tri(mono_quant.MinMaxObserver), x))
+        cases[f"host_ema{suffix}"] = opt(_bound(tri(mono_quant.MovingAverageMinMaxObserver), x))
+        cases[f"host_per_channel{suffix}"] = opt(
+            _bound(tri(mono_quant.PerChannelMinMaxObserver, ch_axis=-1), x.view(10, -1))
+        )
+    from mono_quant.kernels import histogram as khist
+
+    cases[f"host_hist_{khist.HIST_STRATEGY}"] = _steady_hist(mono_quant, x, "triton", None, device)
+    cases["host_probe_minmax_launcher"] = _launcher_probe(x)
+    from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
+
+    cases["host_ao_minmax"] = _bound(MinMaxObserver().to(device), x)
+    cases["host_ao_ema"] = _bound(MovingAverageMinMaxObserver().to(device), x)
+    calibrators = _modelopt_calibrators()
+    if calibrators is not None:
+        cal = calibrators[0](8, None, False)
+        cases["host_mo_max"] = lambda: cal.collect(x)
+    cases["host_read_ceiling_sum"] = x.sum
+    return cases
+
+
+def _extra_rows(mono_quant, extra, dtypes, device, smoke, bench):
+    """The ``layers`` and ``host`` rows (dicts as the size sweep's), printed as they are measured."""
+    rows = []
+    for dtype in dtypes if "layers" in extra else ():
+        count, shape = (4, (8, 64)) if smoke else (200, (2048, 4096))
+        xs = [_llm_like(shape, dtype, device, seed=i) for i in range(count)]
+        n, nbytes = sum(x.numel() for x in xs), sum(x.nbytes for x in xs)
+        times = {}
+        for name, fn in _layer_cases(mono_quant, xs, device).items():
+            times[name] = _time(bench, name, fn, f"{count} layers {dtype}")
+        rows += _rows(
+            times, "layers_read_ceiling_sum", None, n, nbytes, dtype, {"layers": count, "shape": list(shape)}
+        )
+        xs = None
+    if "host" in extra:
+        x = torch.randn(10_000, device=device)
+        times = {}
+        for name, fn in _host_cases(mono_quant, x, device).items():
+            times[name] = _time(lambda f: _host_ms(f, device, 20 if smoke else 2000), name, fn, "host 1e4")
+        rows += _rows(times, None, None, x.numel(), x.nbytes, x.dtype, {"host_time": True})
+    return rows
+
+
+def _time(bench, name, fn, where):
+    try:
+        return bench(fn)
+    except Exception as e:  # a failing case is reported, the rest still runs
+        print(f"{name} {where}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def _rows(times, read_key, copy_key, n, nbytes, dtype, extra=None) -> list[dict]:
+    read_ms, copy_ms = times.get(read_key), times.get(copy_key)
+    rows = []
+    for name, ms in times.items():
+        row = {"case": name, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
+               "default": _is_default(name), **(extra or {})}  # fmt: skip
+        if ms:
+            row["GBps"] = nbytes / ms / 1e6
+            row["of_read_ceiling"] = read_ms / ms if read_ms else None
+            row["of_copy_bw"] = (nbytes / ms) / (2 * nbytes / copy_ms) if copy_ms else None
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
 def _print_row(r: dict) -> None:
     ms = f"{r['ms']:.4f}" if r["ms"] else "fail"
     gbps = f"{r.get('GBps', 0):.0f}"
     frac = f"{r['of_read_ceiling']:.2f}" if r.get("of_read_ceiling") else ""
-    print(f"{r['case']:22} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}", flush=True)
+    print(f"{r['case']:28} {r['dtype']:9} {r['n']:>11} {ms:>10} {gbps:>8} {frac:>11}", flush=True)
 
 
-BASELINES = {  # case -> (torch.ao case, mono_quant torch-path case) it is compared with
-    "minmax": ("ao_minmax", "minmax_torch"),
-    "ema": ("ao_minmax", "ema_torch"),
-    "per_channel": ("ao_per_channel", "per_channel_torch"),
+BASELINES = {  # case -> (torch.ao case, mono_quant torch-path case, ModelOpt case) it is compared with
+    "minmax": ("ao_minmax", "minmax_torch", "mo_max"),
+    "ema": ("ao_minmax", "ema_torch", "mo_max"),
+    "per_channel": ("ao_per_channel", "per_channel_torch", "mo_per_channel"),
 }
-HIST_BASELINES = ("ao_histogram", "hist_torch")  # of every hist_<strategy> case
+HIST_BASELINES = ("ao_histogram", "hist_torch", "mo_histogram")  # of every hist_<strategy> case
 
 
-def _baselines(case: str) -> tuple[str, str] | None:
+def _baselines(case: str) -> tuple[str, str, str] | None:
     if case.startswith("hist_") and case != "hist_torch":
         return HIST_BASELINES
-    return BASELINES.get(case)
+    for base, found in BASELINES.items():  # opt-in kernels (minmax_<kernel>) against the same baselines
+        if case == base or (case.startswith(base + "_") and not case.endswith("_torch")):
+            return found
+    return None
 
 
 def markdown(data: dict) -> str:
-    """A results JSON of this script as a markdown table: the Triton cases beside torch.ao and the torch path
-    measured on the same tensor in the same run (ratios: baseline ms / Triton ms, above 1 is faster)."""
+    """A results JSON of this script as a markdown table: the Triton cases beside torch.ao, the torch path
+    and ModelOpt measured on the same tensor in the same run (ratios: baseline ms / Triton ms, above 1 is
+    faster)."""
     meta, rows = data["meta"], data["rows"]
     ms = {(r["case"], r["dtype"], r["n"]): r["ms"] for r in rows}
     ratio = lambda base, t: f"{base / t:.2f}x" if base and t else ""
+    cell = lambda t: f"{t:.3f}" if t else ""
     lines = [
         f"{meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}, {meta['date']}; "
-        f"{meta.get('data', 'randn')} data; median ms by triton.testing.do_bench",
+        f"{meta.get('data', 'randn')} data; median ms by triton.testing.do_bench; default: what a user "
+        "gets without settings",
         "",
         "| observer | dtype | elements | Triton ms | GB/s | of x.sum() | torch.ao ms | vs torch.ao "
-        "| torch path ms | vs torch path |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| torch path ms | vs torch path | ModelOpt ms | vs ModelOpt | default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if _baselines(r["case"]) is None:
             continue
-        ao, torch_path = (ms.get((c, r["dtype"], r["n"])) for c in _baselines(r["case"]))
+        ao, torch_path, mo = (ms.get((c, r["dtype"], r["n"])) for c in _baselines(r["case"]))
         t = r["ms"]
         cells = [
             r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.3f}" if t else "fail", f"{r.get('GBps', 0):.0f}",
             f"{r['of_read_ceiling']:.0%}" if r.get("of_read_ceiling") else "",
-            f"{ao:.3f}" if ao else "", ratio(ao, t), f"{torch_path:.3f}" if torch_path else "",
-            ratio(torch_path, t),
+            cell(ao), ratio(ao, t), cell(torch_path), ratio(torch_path, t), cell(mo), ratio(mo, t),
+            "yes" if r.get("default") else "",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    probes = [r for r in rows if r["case"].startswith("probe_")]
-    if probes:
-        lines += ["", "Probes (inputs to the next kernel changes, not observers):", "",
-                  "| probe | dtype | elements | ms | GB/s | of x.sum() |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for r in probes:
+    others = [r for r in rows if r["case"].startswith(("probe_", "layers_", "host_"))]
+    if others:
+        lines += ["", "Many layers (ms per step of all), host time per call (ms), probes:", "",
+                  "| case | dtype | elements | ms | GB/s | of x.sum() | default |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in others:
             t, frac = r["ms"], r.get("of_read_ceiling")
-            cells = [r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.3f}" if t else "fail",
-                     f"{r.get('GBps', 0):.0f}", f"{frac:.0%}" if frac else ""]  # fmt: skip
+            cells = [r["case"], r["dtype"], f"{r['n']:.0e}", f"{t:.4f}" if t else "fail",
+                     "" if r.get("host_time") else f"{r.get('GBps', 0):.0f}", f"{frac:.0%}" if frac else "",
+                     "yes" if r.get("default") else ""]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -218,6 +458,20 @@ def main(argv=None) -> int:
         "spikes); llm writes gpu_bench-llm.json",
     )
     p.add_argument("--report", metavar="JSON", help="print a results JSON of this script as markdown")
+    p.add_argument("--summary", metavar="FOLDER", help="print issue 11's rows from the JSONs in FOLDER")
+    p.add_argument(
+        "--extra",
+        default=None,
+        help="comma list of extra rows: layers (200 layers [2048, 4096], one step each), host (host time "
+        "of a 1e4-value update); default both on a GPU with --data randn, none otherwise",
+    )
+    p.add_argument(
+        "--probes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the probes too (programs per SM, torch.histc alone, the launcher alone)",
+    )
+    p.add_argument("--probes-only", action="store_true", help="only the probes and the ceilings")
     p.add_argument(
         "--strategies",
         default="candidates",
@@ -229,6 +483,8 @@ def main(argv=None) -> int:
         with open(args.report) as f:
             print(markdown(json.load(f)), end="")
         return 0
+    if args.summary:
+        return summary(args.summary)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
@@ -247,24 +503,36 @@ def main(argv=None) -> int:
     unknown = sorted(set(strategies) - set(khist.HIST_STRATEGIES))
     if unknown:
         p.error(f"--strategies: {unknown} not among {list(khist.HIST_STRATEGIES)}")
+    extra = (
+        args.extra.split(",")
+        if args.extra
+        else []
+        if args.smoke or args.data != "randn"
+        else ["layers", "host"]
+    )
+    if set(extra) - {"layers", "host"}:
+        p.error(f"--extra: {sorted(set(extra) - {'layers', 'host'})} not among ['layers', 'host']")
 
     device = "cpu" if args.smoke else "cuda"
     default = "10000,40960" if args.smoke else "10000,1000000,100000000,1000000000"
     sizes = [int(float(s)) for s in (args.sizes or default).split(",")]
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     bench = _timer(args.smoke)
+    kmm, _, minmax_kernel = _minmax_kernels()
     meta = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "smoke": args.smoke,
         "data": args.data,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "triton": __import__("triton").__version__,
+        "triton": triton.__version__,
         "default_hist_strategy": khist.HIST_STRATEGY,
+        "default_minmax_kernel": minmax_kernel,
+        "modelopt": _modelopt_calibrators() is not None,
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_bench.json" if args.data == "randn" else f"gpu_bench-{args.data}.json")
-    print(f"{meta}\n{'case':22} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}", flush=True)
+    print(f"{meta}\n{'case':28} {'dtype':9} {'n':>11} {'ms':>10} {'GB/s':>8} {'x read ceil':>11}", flush=True)
     rows = []
     for dtype in dtypes:
         for n in sizes:
@@ -272,41 +540,111 @@ def main(argv=None) -> int:
                 x = torch.randn(n, device=device, dtype=dtype)
             else:  # [tokens, 1000], outlier channels and spikes: most values in a few histogram bins
                 x = activation(n, dtype, device).view(-1)
-            n = x.numel()
-            nbytes = x.numel() * x.element_size()
             fns = _ceilings(x)
-            fns.update({k: f(x) for k, f in _cases(mono_quant, device, strategies).items()})
-            fns.update(_torch_ao(x))
+            for name, make in _cases(mono_quant, device, strategies).items():
+                probe = name.startswith("probe_")
+                if (probe and args.probes) or (not probe and not args.probes_only):
+                    fns[name] = make(x)
+            if not args.probes_only:
+                fns.update(_torch_ao(x))
+                fns.update(_modelopt(x))
             times = {}
             for name, fn in fns.items():
-                if n >= 500_000_000 and name in (
-                    "hist_torch",
-                    "minmax_torch",
-                    "ema_torch",
-                    "per_channel_torch",
-                ):
+                if x.numel() >= 500_000_000 and name.endswith("_torch"):
                     continue  # several passes each: they would take the script past its time budget
-                try:
-                    times[name] = bench(fn)
-                except Exception as e:  # a failing case is reported, the rest still runs
-                    times[name] = None
-                    print(f"{name} n={n} {dtype}: {type(e).__name__}: {e}", file=sys.stderr)
-            read_ms = times["read_ceiling_sum"]
-            copy_ms = times["copy_ceiling_clone"]
-            for name, ms in times.items():
-                row = {"case": name, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
-                if ms:
-                    row["GBps"] = nbytes / ms / 1e6
-                    row["of_read_ceiling"] = read_ms / ms if read_ms else None
-                    row["of_copy_bw"] = (nbytes / ms) / (2 * nbytes / copy_ms) if copy_ms else None
-                rows.append(row)
-                _print_row(row)
+                times[name] = _time(bench, name, fn, f"n={x.numel()} {dtype}")
+            rows += _rows(times, "read_ceiling_sum", "copy_ceiling_clone", x.numel(), x.nbytes, dtype)
             with open(path, "w") as f:  # after each group: a run cut at its time limit keeps what it measured
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
             fns = x = None
             if device == "cuda":
                 torch.cuda.empty_cache()
+    rows += _extra_rows(mono_quant, [] if args.probes_only else extra, dtypes, device, args.smoke, bench)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
+    return 0
+
+
+# --- issue 11's rows ---------------------------------------------------------------------------------------
+# (label, JSON, case prefix, dtype, n, baseline prefix for the opt-in variants, target)
+ISSUE_ROWS = [
+    *[(f"MinMax {d} {n:.0e}", "randn", "minmax", d, n, f">= {t} % of x.sum(), >= torch.ao")
+      for d, ts in (("float32", (90, 95)), ("bfloat16", (85, 90))) for n, t in zip((1e8, 1e9), ts)],
+    *[(f"EMA {d} {n:.0e}", "randn", "ema", d, n, f">= {t} % of x.sum()")
+      for d, ts in (("float32", (90, 95)), ("bfloat16", (85, 90))) for n, t in zip((1e8, 1e9), ts)],
+    *[(f"per-channel {d} {n:.0e}", "randn", "per_channel", d, n, ">= 85 % of x.sum()")
+      for d in ("float32", "bfloat16") for n in (1e8, 1e9)],
+    *[(f"histogram {d} {n:.0e}", "randn", "hist", d, n, t)
+      for d, ts in (("float32", (">= 60 % of x.sum(), >= 5x torch.ao", ">= 70 % of x.sum()")),
+                    ("bfloat16", (">= 50 % of x.sum()",) * 2)) for n, t in zip((1e8, 1e9), ts)],
+    ("histogram LLM-like float32 1e8", "llm", "hist", "float32", 1e8, ">= 50 % of x.sum()"),
+    *[(f"200 layers {k} {d}", "randn", f"layers_{k}", d, None, ">= 2x torch.ao")
+      for k in ("minmax", "per_channel", "hist") for d in ("float32", "bfloat16")],
+    *[(f"host time, 1e4 values, {k}", "randn", f"host_{k}", "float32", 1e4, "<= 0.015 ms")
+      for k in ("minmax", "ema", "per_channel", "hist")],
+]  # fmt: skip
+
+
+def _issue_row(rows: list[dict], prefix: str, dtype: str, n) -> dict | None:
+    """The default configuration's row, its best opt-in variant and its baselines, for one issue row."""
+    mine = [r for r in rows if r["dtype"] == dtype and (n is None or abs(r["n"] - n) <= 0.01 * n)]
+    kind = prefix.removeprefix("layers_").removeprefix("host_")
+    scope = prefix[: len(prefix) - len(kind)]  # "", "layers_" or "host_"
+    ours = [r for r in mine if r["case"].startswith(prefix) and not r["case"].endswith("_torch") and r["ms"]]
+    if kind == "hist":
+        ours = [r for r in ours if r["case"] != f"{scope}hist_torch"]
+    default = next((r for r in ours if r.get("default")), None)
+    if default is None:
+        return None
+    best = min(ours, key=lambda r: r["ms"])
+    ao_case, _, mo_case = HIST_BASELINES if kind == "hist" else BASELINES[kind]
+    find = lambda case: next((r["ms"] for r in mine if r["case"] == scope + case and r["ms"]), None)
+    return {"default": default, "best": best, "ao": find(ao_case), "mo": find(mo_case)}
+
+
+def summary(folder: str) -> int:
+    """Print issue 11's rows from ``gpu_bench.json`` / ``gpu_bench-llm.json`` in ``folder`` (and the gate's
+    verdict from ``gate.json``), and write them to ``gpu_check.md`` there."""
+    data = {}
+    for key, name in (("randn", "gpu_bench.json"), ("llm", "gpu_bench-llm.json")):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                data[key] = json.load(f)
+        except (OSError, ValueError):
+            data[key] = {"meta": {}, "rows": []}
+    meta = data["randn"]["meta"] or data["llm"]["meta"]
+    lines = [f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
+             f"{meta.get('date')}: issue 11's rows, medians in ms (host time: ms per call); 'best' is the "
+             "fastest configuration measured, default or opt-in", "",
+             "| row | default ms | of x.sum() | best (opt-in) ms | best of x.sum() | vs torch.ao "
+             "| vs ModelOpt | target |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    try:
+        with open(os.path.join(folder, "gate.json")) as f:
+            gate = json.load(f)
+        lines.insert(1, f"\nExactness gate: {len(gate['results']) - gate['failed']}/{len(gate['results'])} "
+                        "cases bit-identical to the torch path.")  # fmt: skip
+    except (OSError, ValueError, KeyError):
+        lines.insert(1, "\nExactness gate: no gate.json.")
+    pct = lambda r: f"{r['of_read_ceiling']:.0%}" if r.get("of_read_ceiling") else ""
+    ratio = lambda base, t: f"{base / t:.2f}x" if base and t else ""
+    for label, key, prefix, dtype, n, target in ISSUE_ROWS:
+        rows = data[key]["rows"]
+        if data[key]["meta"].get("smoke") and n in (1e8, 1e9):  # tiny sizes: the smallest and the largest
+            sizes = sorted({r["n"] for r in rows if not r["case"].startswith(("layers_", "host_"))})
+            n = (sizes[0] if n == 1e8 else sizes[-1]) if sizes else n
+        got = _issue_row(rows, prefix, dtype, n)
+        if got is None:
+            lines.append(f"| {label} | not measured |  |  |  |  |  | {target} |")
+            continue
+        d, b = got["default"], got["best"]
+        best = f"{b['ms']:.4f} ({b['case']})" if b is not d else "(the default)"
+        lines.append(f"| {label} | {d['ms']:.4f} | {pct(d)} | {best} | {pct(b) if b is not d else ''} | "
+                     f"{ratio(got['ao'], d['ms'])} | {ratio(got['mo'], d['ms'])} | {target} |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "gpu_check.md"), "w") as f:
+        f.write(text)
+    print(text, end="")
     return 0
 
 

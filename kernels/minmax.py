@@ -1,18 +1,21 @@
 """Fused min/max kernels: finite min and max, non-finite count and the observer update, per tensor and per
 channel. Twins of ``mono_quant.reference.minmax_update_`` and ``minmax_per_channel_update_``.
 
-Each update is a two-stage reduction, two launches, no atomics on floats and no host read:
+Two families, the same results bit for bit, chosen per call (``MINMAX_KERNEL``, from
+``MONO_QUANT_MINMAX_KERNEL``; the launchers' ``kernel=``):
 
-1. a persistent partial kernel reads the input once (native fp32/bf16/fp16, fp64 cast in registers) and
-   writes per-program partials: min and max of the finite values (``+inf``/``-inf`` if none) and the
-   number of non-finite values;
-2. a tiny finalize kernel reduces the partials and applies the update in place: the min/max merge, or the
-   moving average ``run + c * (batch - run)`` (started by the first finite batch, a batch with nothing
-   finite leaves it), and ``seen += [numel - nonfinite, nonfinite, 1]``.
-
-Two stages rather than float atomics plus a last-program-done ticket: the partials need no zeroing (each
-program writes its own slot), the result is deterministic, the kernels are safe to capture in a CUDA
-graph, and the finalize costs one launch of one program (or one per channel block).
+- ``"two_launch"`` (the default; this file): a two-stage reduction, no atomics on floats, no host read.
+  1. a persistent partial kernel reads the input once (native fp32/bf16/fp16, fp64 cast in registers),
+     filtering every value, and writes per-program partials: min and max of the finite values
+     (``+inf``/``-inf`` if none) and the number of non-finite values;
+  2. a tiny finalize kernel reduces the partials and applies the update in place: the min/max merge, or
+     the moving average (``_common.ema_update``; started by the first finite batch, a batch with nothing
+     finite leaves it), and ``seen += [numel - nonfinite, nonfinite, 1]``.
+  The partials need no zeroing (each program writes its own slot) and the kernels are safe to capture
+  in a CUDA graph.
+- ``"one_launch"`` (opt-in until an H200 run shows it faster: ``minmax_one_launch.py``): no per-value
+  filtering in the hot loop, an exact re-read of a program's tiles only where it saw a non-finite value,
+  and the last program to finish applies the update.
 
 Per channel, the input is viewed as ``[O, C, I]`` around the channel axis. ``I == 1`` (``[tokens,
 hidden]`` with ``ch_axis=-1``, or any last axis) uses row tiles ``[BLOCK_R, BLOCK_C]`` that are
@@ -22,37 +25,55 @@ its own programs, which read contiguous runs of ``I`` values.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from . import minmax_one_launch
 from ._common import (
+    Launcher,
     accumulate_partials,
-    launch_options,
+    cdiv,
+    finalize_channels,
     load_finite,
     max_programs,
+    next_power_of_2,
+    partials,
     prepare_input,
     reduce_partials_and_count,
     store_channel_partials,
     store_partials,
+    update_range,
 )
 
-__all__ = ["minmax_per_channel_update_", "minmax_update_"]
+__all__ = ["MINMAX_KERNEL", "MINMAX_KERNELS", "minmax_per_channel_update_", "minmax_update_"]
 
 BLOCK = 4096  # elements per tile of the per-tensor reduction
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile of the per-channel reductions
 
+# "two_launch": the partial and finalize kernels below; "one_launch": minmax_one_launch.py (opt-in until an
+# H200 run shows it faster). Same results, bit for bit.
+MINMAX_KERNELS = ("two_launch", "one_launch")
+ENV_KERNEL = "MONO_QUANT_MINMAX_KERNEL"
 
-@triton.jit
-def _ema(run, cur, c):
-    """The range update of ``reference._update_range_``: the first finite batch sets it, an all-non-finite
-    batch (``cur`` infinite) keeps it, otherwise ``run + c * (cur - run)``."""
-    run_inf = tl.abs(run) == float("inf")
-    cur_inf = tl.abs(cur) == float("inf")
-    # the EMA of the finite cases only (inf - inf would be NaN; it is not selected, but keep it quiet)
-    run_f = tl.where(run_inf, 0.0, run)
-    ema = run_f + c * (tl.where(cur_inf, 0.0, cur) - run_f)
-    return tl.where(run_inf, cur, tl.where(cur_inf, run, ema))
+
+def _default_kernel() -> str:
+    env = os.environ.get(ENV_KERNEL, "").strip().lower()
+    if env and env not in MINMAX_KERNELS:
+        raise ValueError(f"{ENV_KERNEL}={env!r} is not one of {', '.join(MINMAX_KERNELS)}")
+    return env or "two_launch"
+
+
+MINMAX_KERNEL = _default_kernel()  # read at each call: a test or benchmark may set it
+
+
+def _kernel(kernel: str | None) -> str:
+    kernel = kernel or MINMAX_KERNEL
+    if kernel not in MINMAX_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(MINMAX_KERNELS)}")
+    return kernel
 
 
 @triton.jit
@@ -67,8 +88,8 @@ def _partial_kernel(
 ):
     """Partials of one persistent program over ``x``.
 
-    x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``, P = number of programs.
-    Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK`` elements.
+    x: [in] ``(n,)`` contiguous. pmin, pmax: [out] float32 ``(P,)``; pbad: [out] int64 ``(P,)``, P = number
+    of programs. Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK`` elements.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -100,18 +121,11 @@ def _finalize_kernel(
 ):
     """Reduce the partials and update the state in place. Grid: ``(1,)``.
 
-    pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``. rmin, rmax: float32 ``()``; seen: int64 ``(3,)``.
-    ``c``: the averaging constant (used when ``EMA``).
+    pmin, pmax: [in] float32 ``(P,)``; pbad: [in] int64 ``(P,)``. rmin, rmax: [in, out] float32 ``()``;
+    seen: [in, out] int64 ``(3,)``. ``c``: the averaging constant (used when ``EMA``).
     """
     mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
-    run_min = tl.load(rmin_ptr)
-    run_max = tl.load(rmax_ptr)
-    if EMA:
-        tl.store(rmin_ptr, _ema(run_min, mn, c))
-        tl.store(rmax_ptr, _ema(run_max, mx, c))
-    else:
-        tl.store(rmin_ptr, tl.minimum(run_min, mn))
-        tl.store(rmax_ptr, tl.maximum(run_max, mx))
+    update_range(rmin_ptr, rmax_ptr, 0, True, mn, mx, c, EMA)
 
 
 @triton.jit
@@ -128,7 +142,8 @@ def _rows_partial_kernel(
 ):
     """Per-channel partials of ``x`` viewed as ``[R, C]`` (channel axis last, contiguous).
 
-    pmin, pmax: float32 ``(S, C)``; pbad: int64 ``(S, C)``, non-finite values per channel.
+    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``, non-finite values per
+    channel.
     Grid: ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads row tiles ``s, s + S, ...`` of channel block
     ``cb``, keeps a ``[BLOCK_R, BLOCK_C]`` running min/max and reduces the rows once at the end.
     """
@@ -165,11 +180,11 @@ def _inner_partial_kernel(
 ):
     """Per-channel partials of ``x`` viewed as ``[O, C, I]`` with ``I > 1`` (contiguous).
 
-    pmin, pmax: float32 ``(S, C)``; pbad: int64 ``(S, C)``. Grid: ``(cdiv(C, BLOCK_C), S)``; program
-    ``(cb, s)`` reads tiles ``s, s + S, ...`` of channel block ``cb``; tile ``t = o * tiles_per_row + j``
-    holds ``x[o, cb * BLOCK_C : (cb + 1) * BLOCK_C, j * BLOCK_I : (j + 1) * BLOCK_I]``. Small ``I`` (conv
-    activations along ``ch_axis=1``) packs several channels in a tile, large ``I`` (``ch_axis=0``) gives
-    ``BLOCK_C = 1`` and long contiguous rows; one scalar division per tile.
+    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``. Grid:
+    ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads tiles ``s, s + S, ...`` of channel block ``cb``;
+    tile ``t = o * tiles_per_row + j`` holds ``x[o, cb * BLOCK_C : (cb + 1) * BLOCK_C, j * BLOCK_I : (j + 1)
+    * BLOCK_I]``. Small ``I`` (conv activations along ``ch_axis=1``) packs several channels in a tile, large
+    ``I`` (``ch_axis=0``) gives ``BLOCK_C = 1`` and long contiguous rows; one scalar division per tile.
     """
     cb = tl.program_id(0)
     s = tl.program_id(1)
@@ -208,42 +223,14 @@ def _channel_finalize_kernel(
 ):
     """Reduce ``(S, C)`` partials over ``S`` and update the per-channel state in place.
 
-    rmin, rmax: float32 ``(C,)``; seen: int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; each program reads
-    ``[BLOCK_S, BLOCK_C]`` tiles of partials (a split at a time was one dependent round trip to memory per
-    split: about 1.4 us each, by the H200 timings of per-channel against per-tensor) and adds its channels'
-    non-finite count to ``seen`` with integer atomics (order-free, so exact).
+    pmin, pmax: [in] float32 ``(S, C)``; pbad: [in] int64 ``(S, C)``. rmin, rmax: [in, out] float32 ``(C,)``;
+    seen: [in, out] int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; program ``cb`` reduces channel block
+    ``cb`` (``_common.finalize_channels``).
     """
-    cb = tl.program_id(0)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    rows = tl.arange(0, BLOCK_S)
-    mn = tl.full([BLOCK_S, BLOCK_C], float("inf"), tl.float32)
-    mx = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
-    bad = tl.zeros([BLOCK_S, BLOCK_C], tl.int64)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + rows
-        offs = (s + tl.zeros([], tl.int64))[:, None] * C + cols[None, :]
-        m = (s < num_splits)[:, None] & cmask[None, :]
-        mn = tl.minimum(mn, tl.load(pmin_ptr + offs, mask=m, other=float("inf")))
-        mx = tl.maximum(mx, tl.load(pmax_ptr + offs, mask=m, other=float("-inf")))
-        bad += tl.load(pbad_ptr + offs, mask=m, other=0)
-    mn = tl.min(mn, 0)
-    mx = tl.max(mx, 0)
-    bad = tl.sum(bad, 0)
-    run_min = tl.load(rmin_ptr + cols, mask=cmask, other=0.0)
-    run_max = tl.load(rmax_ptr + cols, mask=cmask, other=0.0)
-    if EMA:
-        tl.store(rmin_ptr + cols, _ema(run_min, mn, c), mask=cmask)
-        tl.store(rmax_ptr + cols, _ema(run_max, mx, c), mask=cmask)
-    else:
-        tl.store(rmin_ptr + cols, tl.minimum(run_min, mn), mask=cmask)
-        tl.store(rmax_ptr + cols, tl.maximum(run_max, mx), mask=cmask)
-    block_bad = tl.sum(bad, 0)
-    tl.atomic_add(seen_ptr, -block_bad)
-    tl.atomic_add(seen_ptr + 1, block_bad)
-    if cb == 0:
-        tl.atomic_add(seen_ptr, tl.zeros([], tl.int64) + n)
-        tl.atomic_add(seen_ptr + 2, tl.full([], 1, tl.int64))
+    finalize_channels(
+        pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, tl.program_id(0), rmin_ptr, rmax_ptr, seen_ptr, n, c,
+        BLOCK_S, BLOCK_C, EMA,
+    )  # fmt: skip
 
 
 def _check_state(running_min: torch.Tensor, running_max: torch.Tensor, seen: torch.Tensor, shape) -> None:
@@ -260,31 +247,16 @@ def _check_state(running_min: torch.Tensor, running_max: torch.Tensor, seen: tor
         raise ValueError(f"seen must be an int64 tensor of shape (3,), got {seen.dtype} {tuple(seen.shape)}")
 
 
-def reduce_partials(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Launch the per-tensor partial kernel on a prepared (contiguous, non-empty) ``x``.
-
-    Returns:
-        ``(pmin, pmax, pbad, P)``: float32 ``(P,)``, float32 ``(P,)``, int64 ``(P,)`` and ``P``.
-    """
-    n = x.numel()
-    num_tiles = triton.cdiv(n, BLOCK)
-    programs = min(num_tiles, max_programs(x))
-    pmin = torch.empty(2 * programs, dtype=torch.float32, device=x.device)
-    pbad = torch.empty(programs, dtype=torch.int64, device=x.device)
-    _partial_kernel[(programs,)](
-        x,
-        pmin,
-        pmin[programs:],
-        pbad,
-        n,
-        num_tiles,
-        BLOCK=BLOCK,
-        **launch_options(8),
-    )
-    return pmin[:programs], pmin[programs:], pbad, programs
+_PARTIAL = Launcher(_partial_kernel, 8)
+_FINALIZE = Launcher(_finalize_kernel, 4)
+_ROWS = Launcher(_rows_partial_kernel, 8)
+_INNER = Launcher(_inner_partial_kernel, 8)
+_CHANNEL_FINALIZE = Launcher(_channel_finalize_kernel, 4)
 
 
-def minmax_update_(x: torch.Tensor, state, averaging_constant: float | None = None) -> None:
+def minmax_update_(
+    x: torch.Tensor, state, averaging_constant: float | None = None, *, kernel: str | None = None
+) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place (see the reference twin).
 
     Args:
@@ -292,29 +264,29 @@ def minmax_update_(x: torch.Tensor, state, averaging_constant: float | None = No
         state: [in, out] a range state (``mono_quant.state.RangeState``): ``running_min``,
             ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``.
         averaging_constant: ``None`` for min/max, else the EMA constant.
+        kernel: one of ``MINMAX_KERNELS`` (default ``MINMAX_KERNEL``, from ``MONO_QUANT_MINMAX_KERNEL``);
+            the same result with each.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad state buffers.
+        TypeError: unsupported dtype. ValueError: bad state buffers or kernel.
     """
+    kernel = _kernel(kernel)
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, ())
     x = prepare_input(x)
-    pmin, pmax, pbad, programs = reduce_partials(x)
+    if kernel == "one_launch":
+        minmax_one_launch.minmax_update_(x, state, averaging_constant)
+        return
+    n = x.numel()
+    num_tiles = cdiv(n, BLOCK)
+    programs = min(num_tiles, max_programs(x))
+    pmin, pmax, pbad, _ = partials(x.device, programs)
+    _PARTIAL((programs,), (x, pmin, pmax, pbad, n, num_tiles), (x, n, num_tiles), BLOCK=BLOCK)
     ema = averaging_constant is not None
-    _finalize_kernel[(1,)](
-        pmin,
-        pmax,
-        pbad,
-        programs,
-        running_min,
-        running_max,
-        seen,
-        x.numel(),
-        float(averaging_constant) if ema else 0.0,
-        BLOCK_P=max(triton.next_power_of_2(programs), 16),
-        EMA=ema,
-        **launch_options(4),
-    )
+    args = (pmin, pmax, pbad, programs, running_min, running_max, seen, n,
+            float(averaging_constant) if ema else 0.0)  # fmt: skip
+    varying = (programs, running_min, running_max, seen, n)
+    _FINALIZE((1,), args, varying, BLOCK_P=max(next_power_of_2(programs), 16), EMA=ema)
 
 
 def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
@@ -328,13 +300,26 @@ def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
 
 
 def minmax_per_channel_update_(
-    x: torch.Tensor, ch_axis: int, state, averaging_constant: float | None = None
+    x: torch.Tensor,
+    ch_axis: int,
+    state,
+    averaging_constant: float | None = None,
+    *,
+    kernel: str | None = None,
 ) -> None:
-    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``.
+    """Per-channel ``minmax_update_`` along ``ch_axis``.
+
+    Args:
+        x: [in] non-empty float tensor, ``C = x.shape[ch_axis]``.
+        ch_axis: the channel dimension (negative counts from the end).
+        state: [in, out] a range state: ``running_min``, ``running_max`` float32 ``(C,)``; ``seen`` int64
+            ``(3,)`` (all channels together).
+        averaging_constant, kernel: as in ``minmax_update_``.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad ``ch_axis`` or state buffers.
+        TypeError: unsupported dtype. ValueError: bad ``ch_axis``, state buffers or kernel.
     """
+    kernel = _kernel(kernel)
     if x.dim() == 0 or not -x.dim() <= ch_axis < x.dim():
         raise ValueError(f"ch_axis={ch_axis} is out of range for a tensor of shape {tuple(x.shape)}")
     axis = ch_axis % x.dim()
@@ -342,37 +327,34 @@ def minmax_per_channel_update_(
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, (channels,))
     x = prepare_input(x)
+    if kernel == "one_launch":
+        minmax_one_launch.minmax_per_channel_update_(x, outer, channels, inner, state, averaging_constant)
+        return
     budget = max_programs(x)
     if inner == 1:
-        block_c = min(triton.next_power_of_2(channels), 128 if x.is_cuda else 1024)
+        block_c = min(next_power_of_2(channels), 128 if x.is_cuda else 1024)
         block_r = max(TILE // block_c, 1)
-        channel_blocks = triton.cdiv(channels, block_c)
-        row_tiles = triton.cdiv(outer, block_r)
+        channel_blocks = cdiv(channels, block_c)
+        row_tiles = cdiv(outer, block_r)
         splits = max(1, min(row_tiles, budget // channel_blocks, 65535))
-        pmin = torch.empty((2, splits, channels), dtype=torch.float32, device=x.device)
-        pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
-        _rows_partial_kernel[(channel_blocks, splits)](
-            x, pmin[0], pmin[1], pbad, outer, channels, row_tiles,
-            BLOCK_R=block_r, BLOCK_C=block_c, **launch_options(8),
-        )  # fmt: skip
     else:
-        block_i = min(triton.next_power_of_2(inner), TILE)
-        block_c = min(max(TILE // block_i, 1), triton.next_power_of_2(channels))
-        channel_blocks = triton.cdiv(channels, block_c)
-        tiles_per_row = triton.cdiv(inner, block_i)
+        block_i = min(next_power_of_2(inner), TILE)
+        block_c = min(max(TILE // block_i, 1), next_power_of_2(channels))
+        channel_blocks = cdiv(channels, block_c)
+        tiles_per_row = cdiv(inner, block_i)
         num_tiles = outer * tiles_per_row
-        splits = max(1, min(num_tiles, triton.cdiv(budget, channel_blocks), 65535))
-        pmin = torch.empty((2, splits, channels), dtype=torch.float32, device=x.device)
-        pbad = torch.empty((splits, channels), dtype=torch.int64, device=x.device)
-        _inner_partial_kernel[(channel_blocks, splits)](
-            x, pmin[0], pmin[1], pbad, channels, inner, tiles_per_row, num_tiles,
-            BLOCK_C=block_c, BLOCK_I=block_i, **launch_options(8),
-        )  # fmt: skip
+        splits = max(1, min(num_tiles, cdiv(budget, channel_blocks), 65535))
+    pmin, pmax, pbad, _ = partials(x.device, splits, channels)
+    grid = (channel_blocks, splits)
+    if inner == 1:
+        args = (x, pmin, pmax, pbad, outer, channels, row_tiles)
+        _ROWS(grid, args, args[:1] + args[4:], BLOCK_R=block_r, BLOCK_C=block_c)
+    else:
+        args = (x, pmin, pmax, pbad, channels, inner, tiles_per_row, num_tiles)
+        _INNER(grid, args, args[:1] + args[4:], BLOCK_C=block_c, BLOCK_I=block_i)
     ema = averaging_constant is not None
-    block_c = min(triton.next_power_of_2(channels), 128)
-    block_s = min(triton.next_power_of_2(splits), max(2048 // block_c, 1))
-    _channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
-        pmin[0], pmin[1], pbad, splits, channels, running_min, running_max, seen, x.numel(),
-        float(averaging_constant) if ema else 0.0, BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema,
-        **launch_options(4),
-    )  # fmt: skip
+    block_c = min(next_power_of_2(channels), 128)
+    block_s = min(next_power_of_2(splits), max(2048 // block_c, 1))
+    args = (pmin, pmax, pbad, splits, channels, running_min, running_max, seen, x.numel(),
+            float(averaging_constant) if ema else 0.0)  # fmt: skip
+    _CHANNEL_FINALIZE((cdiv(channels, block_c),), args, args[3:9], BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema)

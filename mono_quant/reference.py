@@ -31,9 +31,12 @@ __all__ = [
     "minmax_update_",
 ]
 
-# Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 and
-# non-finite inputs to 16 MiB whatever the tensor size.
+# Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 inputs to
+# 16 MiB whatever the tensor size.
 CHUNK = 1 << 22
+# Elements per piece of the non-finite filtering: a filtered copy, the mask and isfinite's own
+# temporaries take about 13 bytes a value, so 13 MiB whatever the tensor size.
+FILTER_CHUNK = 1 << 20
 # Elements per binning step on the CPU: small enough that the temporaries stay in cache.
 BIN_CHUNK = 1 << 16
 
@@ -64,10 +67,10 @@ def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def _finite_minmax_filtered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``finite_minmax`` by filtering: chunked, so a float32 temporary never exceeds ``CHUNK`` values."""
+    """``finite_minmax`` by filtering, ``FILTER_CHUNK`` values at a time (bounded temporaries)."""
     inf = torch.full((), float("inf"), dtype=torch.float32, device=x.device)  # a fill, not a host copy
     mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
-    for chunk in x.reshape(-1).split(CHUNK):
+    for chunk in x.reshape(-1).split(FILTER_CHUNK):
         finite = torch.isfinite(chunk)
         mn = torch.minimum(mn, torch.where(finite, chunk, inf).amin().float())
         mx = torch.maximum(mx, torch.where(finite, chunk, -inf).amax().float())
@@ -87,22 +90,51 @@ def finite_minmax_per_channel(
         ``(min, max, nonfinite)``: float32 ``(C,)`` (``+inf``/``-inf`` for a channel with no finite value),
         float32 ``(C,)``, int64 ``()``.
     """
-    dims = [d for d in range(x.dim()) if d != ch_axis % x.dim()]
-    if not dims:  # a 1-D tensor: every element is its own channel
-        finite = torch.isfinite(x)
-        mn = torch.where(finite, x, float("inf")).float()
-        mx = torch.where(finite, x, float("-inf")).float()
-        return mn, mx, (~finite).sum()
-    # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
-    mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
-    # NaN or +-Inf in any channel makes the sum non-finite (so can an overflow: that only costs the
-    # filtering pass below, never a wrong result)
-    if _may_branch(x) and math.isfinite((mn.float() - mx.float()).sum().item()):
-        return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
-    finite = torch.isfinite(x)
-    mn = torch.where(finite, x, float("inf")).amin(dim=dims).float()
-    mx = torch.where(finite, x, float("-inf")).amax(dim=dims).float()
-    return mn, mx, (~finite).sum()
+    axis = ch_axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    if dims:
+        # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
+        mn, mx = torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+        # NaN or +-Inf in any channel makes the sum non-finite (so can an overflow: that only costs the
+        # filtering pass below, never a wrong result)
+        if _may_branch(x) and math.isfinite((mn.float() - mx.float()).sum().item()):
+            return mn.float(), mx.float(), torch.zeros((), dtype=torch.int64)
+        del mn, mx  # (C,) each: freed before the filtering allocates its own
+    return _finite_minmax_per_channel_filtered(x.movedim(axis, -1))
+
+
+def _finite_minmax_per_channel_filtered(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``finite_minmax_per_channel`` of ``v`` (channels last, any strides) by filtering, in pieces of at most
+    ``FILTER_CHUNK`` values: the temporaries (a mask and a filtered copy) stay bounded whatever the input."""
+    mn = torch.full(v.shape[-1:], float("inf"), dtype=torch.float32, device=v.device)
+    mx = torch.full(v.shape[-1:], float("-inf"), dtype=torch.float32, device=v.device)
+    bad = torch.zeros((), dtype=torch.int64, device=v.device)
+    for piece, cols in _channel_pieces(v):
+        lead = tuple(range(piece.dim() - 1))  # reduced in place of a reshape (which could copy)
+        finite = torch.isfinite(piece)
+        t = torch.where(finite, piece, float("inf"))  # one filtered copy of the piece, reused for the max
+        torch.minimum(mn[cols], (t.amin(dim=lead) if lead else t).float(), out=mn[cols])
+        torch.where(finite, piece, torch.full((), float("-inf"), dtype=t.dtype, device=t.device), out=t)
+        torch.maximum(mx[cols], (t.amax(dim=lead) if lead else t).float(), out=mx[cols])
+        bad += piece.numel() - finite.sum()
+    return mn, mx, bad
+
+
+def _channel_pieces(v: torch.Tensor):
+    """Views of ``v`` (channels last) of at most ``FILTER_CHUNK`` values each, with the channels each one
+    holds: slices along the leading dimensions, and along the channels once only they are left."""
+    if v.numel() <= FILTER_CHUNK:
+        yield v, slice(None)
+    elif v.dim() == 1:
+        for start in range(0, v.shape[0], FILTER_CHUNK):
+            yield v[start : start + FILTER_CHUNK], slice(start, start + FILTER_CHUNK)
+    elif v[0].numel() > FILTER_CHUNK:
+        for row in v:
+            yield from _channel_pieces(row)
+    else:
+        step = FILTER_CHUNK // v[0].numel()
+        for start in range(0, v.shape[0], step):
+            yield v[start : start + step], slice(None)
 
 
 def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
@@ -117,28 +149,59 @@ def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
         seen += torch.stack([n - bad, bad, torch.ones_like(bad)])
 
 
+def _ema32(run: np.float32, cur: np.float32, c: np.float32) -> np.float32:
+    """``run + c * (cur - run)`` in float32 (the formula torch.ao uses, each op rounded once), for finite
+    ``run`` and ``cur``; with ``c == 1`` exactly ``cur`` (the formula cancels: 1e8 then 1 gives 0); where
+    ``cur - run`` passes float32's range, the same ops in float64, rounded once (finite: the exact result
+    lies between ``run`` and ``cur``)."""
+    if c == 1:
+        return cur
+    if abs(float(cur) - float(run)) < 2.0**126:  # far from float32's limit: the formula cannot overflow
+        return run + c * (cur - run)
+    with np.errstate(over="ignore"):
+        ema = run + c * (cur - run)
+    if math.isinf(ema):
+        ema = np.float32(np.float64(run) + np.float64(c) * (np.float64(cur) - np.float64(run)))
+    return ema
+
+
+def _ema_tensor(run: torch.Tensor, cur: torch.Tensor, c: float) -> torch.Tensor:
+    """``_ema32`` elementwise on float32 tensors (any values: lanes where ``run`` or ``cur`` is infinite
+    hold garbage that the caller does not select)."""
+    if np.float32(c) == 1:
+        return cur
+    ema = run + c * (cur - run)  # c rounds to float32 in a float32 op, as np.float32(c) above
+    overflow = torch.isinf(ema)
+    if not _may_branch(ema) or bool(overflow.any()):
+        c64 = float(np.float32(c))
+        ema64 = (run.double() + c64 * (cur.double() - run.double())).float()
+        ema = torch.where(overflow, ema64, ema)
+    return ema
+
+
 def _update_range_(
     state: RangeState, mn: torch.Tensor, mx: torch.Tensor, averaging_constant: float | None
 ) -> None:
+    """Fold a batch's finite range ``(mn, mx)`` into ``state``: min/max, or the moving average (``_ema32``)
+    started by the first batch with a finite value; a batch with nothing finite (``+-inf``) keeps it."""
     running_min, running_max = state.running_min, state.running_max
     if averaging_constant is None:
         torch.minimum(running_min, mn, out=running_min)
         torch.maximum(running_max, mx, out=running_max)
         return
-    c = averaging_constant
     if _may_branch(running_min) and running_min.dim() == 0:
         # per tensor on CPU: branch on the values, and do the same float32 ops on numpy scalars (each
         # rounded to float32 as torch rounds them; a third of the time of three tensor ops)
+        c = np.float32(averaging_constant)
         for run, cur in ((running_min, mn), (running_max, mx)):
             r, v = np.float32(run.item()), np.float32(cur.item())
             if math.isinf(r):
                 run.fill_(float(v))
             elif not math.isinf(v):
-                run.fill_(float(r + (v - r) * np.float32(c)))
+                run.fill_(float(_ema32(r, v, c)))
         return
     for run, cur in ((running_min, mn), (running_max, mx)):
-        # first finite batch (run is still +-inf): take it; a batch with nothing finite: keep the old value
-        ema = run + c * (cur - run)
+        ema = _ema_tensor(run, cur, averaging_constant)
         run.copy_(torch.where(torch.isinf(run), cur, torch.where(torch.isinf(cur), run, ema)))
 
 
@@ -198,7 +261,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         counts.copy_(regrid(counts, exponent, origin, new_e, new_o))
         exponent.copy_(new_e)
         origin.copy_(new_o)
-    if host:  # the grid as Python numbers: 2**-e and origin (< 2**25) are exact float32 scalars
+    if host:  # the grid as Python numbers: 2**-e and origin (|origin| <= 2**24) are exact float32 scalars
         e = int(exponent)
         inv_w, offset = 2.0**-e, float(origin)
     else:
@@ -217,7 +280,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         else:
             t = chunk * inv_w  # exact: a power of two
             t.floor_()
-        t -= offset  # integers below 2**25: exact
+        t -= offset  # both integers of magnitude <= 2**24 (the grid's rule), bins < B <= 2**21 + 2: exact
         if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
             counts += torch.bincount(t.to(torch.int64), minlength=num_bins)
             continue

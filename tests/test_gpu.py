@@ -15,7 +15,10 @@ from mono_quant.state import HistogramState, RangeState
 pytestmark = pytest.mark.gpu
 
 kernels = pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+from mono_quant.kernels import _common  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
+from mono_quant.kernels import minmax as kmm  # noqa: E402
+from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
 
 DEV = "cuda"
 
@@ -64,6 +67,58 @@ def test_histogram_strategies_on_cuda(strategy):
         assert torch.equal(g, w)
 
 
+MINMAX_OBSERVERS = OBSERVERS[:4]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("kernel", kmm.MINMAX_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minmax_kernels_on_cuda(kernel, dtype, fast, monkeypatch):
+    monkeypatch.setattr(_common, "FAST_LAUNCH", fast)  # the scratch cache and direct launches (opt-in)
+    # past several waves of persistent programs, NaN/Inf in the tiles of chosen programs (the one-launch
+    # kernel re-reads those) and in the ragged tail; per channel on [tokens, hidden] and NCHW
+    block = kol.block_for(torch.empty(0, dtype=dtype).element_size()) * kol.UNROLL
+    n = 40 * block * torch.cuda.get_device_properties(0).multi_processor_count + 1234
+    xs = [torch.randn(n, device=DEV, dtype=dtype) * s + o for s, o in ((1, 0), (2, -3), (4, 1))]
+    for pos in (3, 17 * block + 5, n - 1):
+        xs[1][pos] = float("nan")
+    xs[2][5 * block + 1] = float("-inf")
+    for c in (None, 0.1):
+        got, want = RangeState.empty((), DEV), RangeState.empty((), DEV)
+        for x in xs:
+            kernels.minmax_update_(x, got, c, kernel=kernel)
+            mono_quant.reference.minmax_update_(x, want, c)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), (kernel, c, g, w)
+    for shape, axis in (
+        ((4099, 4096), -1),
+        ((16, 64, 28, 28), 1),
+        ((16, 64, 32, 32), 1),
+        ((64, 32, 3, 3), 0),
+    ):
+        x = torch.randn(shape, device=DEV, dtype=dtype)
+        x.view(-1)[::10_007] = float("nan")
+        got, want = RangeState.empty((shape[axis],), DEV), RangeState.empty((shape[axis],), DEV)
+        for batch in (x, x * 2 + 1):
+            kernels.minmax_per_channel_update_(batch, axis, got, 0.1, kernel=kernel)
+            mono_quant.reference.minmax_per_channel_update_(batch, axis, want, 0.1)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), (kernel, shape, axis)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("kernel", kmm.MINMAX_KERNELS)
+@pytest.mark.parametrize("cls,kwargs", MINMAX_OBSERVERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_minmax_kernels_never_sync_and_replay(kernel, cls, kwargs, fast, monkeypatch):
+    # every MinMax kernel as the default: forward stays sync-free and a captured CUDA graph replays it
+    # exactly (the one-launch kernel's ticket is back at 0 after every launch), with and without the
+    # scratch cache and the direct launches (a graph being captured takes fresh scratch)
+    monkeypatch.setattr(kmm, "MINMAX_KERNEL", kernel)
+    monkeypatch.setattr(_common, "FAST_LAUNCH", fast)
+    test_forward_never_syncs(cls, kwargs, "triton")
+    test_cuda_graph_replay_equals_eager(cls, kwargs)
+
+
 def test_more_than_2_31_elements():
     n = (1 << 31) + 4099
     x = torch.empty(n, dtype=torch.bfloat16, device=DEV).uniform_(-1, 1)
@@ -80,6 +135,12 @@ def test_more_than_2_31_elements():
     pc = mono_quant.PerChannelMinMaxObserver(ch_axis=-1, backend="triton").to(DEV)
     pc(x[: (1 << 31) + 4096].view(-1, 4096))
     assert float(pc.running_max.max()) <= 1.0 and pc.seen.tolist() == [(1 << 31) + 4096, 0, 1]  # no NaN there
+    st = RangeState.empty((), DEV)
+    kernels.minmax_update_(x, st, kernel="one_launch")
+    assert float(st[1]) == 7.0 and st[2].tolist() == [n - 1, 1, 1]
+    pc = RangeState.empty((4096,), DEV)
+    kernels.minmax_per_channel_update_(x[: (1 << 31) + 4096].view(-1, 4096), -1, pc, kernel="one_launch")
+    assert float(pc.running_max.max()) <= 1.0 and pc.seen.tolist() == [(1 << 31) + 4096, 0, 1]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
