@@ -9,3 +9,8 @@ from .histogram import histogram_update_
 from .minmax import minmax_per_channel_update_, minmax_update_
 
 __all__ = ["histogram_update_", "minmax_per_channel_update_", "minmax_update_"]
+
+# block formats (issue 16)
+from .blocks import block_amax_update_, block_fake_quantize  # noqa: E402
+
+__all__ += ["block_amax_update_", "block_fake_quantize"]
