@@ -46,7 +46,7 @@ __all__ = [
     "block_grid",
     "dequantize_blocks",
     "dynamic_amax",
-    "expand_blocks",
+    "fake_quantize_blocks",
     "finite_block_amax",
     "quantize_blocks",
     "scale_codes",
@@ -144,10 +144,21 @@ def _factors(codes: torch.Tensor, rule: BlockRule, tensor_scale) -> tuple[torch.
     return sb, sb
 
 
-def expand_blocks(per_block: torch.Tensor, shape2d: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """A ``[Rb, Cb]`` tensor repeated over its blocks: ``[R, C]`` (ragged edges cropped)."""
-    (r, c), (br, bc) = shape2d, block
-    return per_block.repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
+CHUNK = 1 << 16  # elements per step of the element pass on the CPU: the temporaries stay in cache
+
+
+def _map_blocks(x2d: torch.Tensor, block: tuple[int, int], fn) -> torch.Tensor:
+    """``fn(chunk, rows)`` over float32 chunks ``[n, br, Cb, bc]`` of the padded block view of ``x2d``
+    (``rows``: the slice of block rows), assembled into float32 ``[R, C]``."""
+    (r, c), (br, bc) = x2d.shape, block
+    xp = _padded(x2d, block, 0.0)
+    out = torch.empty(xp.shape, dtype=torch.float32, device=x2d.device)
+    per_row = br * xp.shape[2] * bc
+    step = max(1, CHUNK // per_row) if x2d.device.type == "cpu" else xp.shape[0]
+    for i in range(0, xp.shape[0], step):
+        rows = slice(i, i + step)
+        out[rows] = fn(xp[rows].to(torch.float32, copy=True), rows)  # fn works in place
+    return out.reshape(xp.shape[0] * br, -1)[:r, :c]
 
 
 def quantize_blocks(
@@ -156,9 +167,12 @@ def quantize_blocks(
     """Element values of ``x2d`` for the block scales ``codes`` (``scale_codes``): float32 ``[R, C]``
     holding values of ``rule.elem`` exactly."""
     q, _ = _factors(codes, rule, tensor_scale)
-    q = expand_blocks(q, x2d.shape, block)
-    v = x2d.float() / q if rule.scale == "fp32" else x2d.float() * q
-    return round_to_element(v, rule.elem)
+
+    def fn(chunk, rows):
+        f = q[rows, None, :, None]
+        return round_to_element(chunk.div_(f) if rule.scale == "fp32" else chunk.mul_(f), rule.elem)
+
+    return _map_blocks(x2d, block, fn)
 
 
 def dequantize_blocks(
@@ -166,4 +180,18 @@ def dequantize_blocks(
 ) -> torch.Tensor:
     """``values * scale`` per block (float32 ``[R, C]``), the inverse of ``quantize_blocks``."""
     _, d = _factors(codes, rule, tensor_scale)
-    return values.float() * expand_blocks(d, values.shape, block)
+    return _map_blocks(values, block, lambda chunk, rows: chunk.mul_(d[rows, None, :, None]))
+
+
+def fake_quantize_blocks(
+    x2d: torch.Tensor, block: tuple[int, int], rule: BlockRule, codes: torch.Tensor, tensor_scale=None
+) -> torch.Tensor:
+    """``dequantize_blocks(quantize_blocks(...))`` in one pass over ``x2d``: float32 ``[R, C]``."""
+    q, d = _factors(codes, rule, tensor_scale)
+
+    def fn(chunk, rows):
+        f = q[rows, None, :, None]
+        v = round_to_element(chunk.div_(f) if rule.scale == "fp32" else chunk.mul_(f), rule.elem)
+        return v.mul_(d[rows, None, :, None])
+
+    return _map_blocks(x2d, block, fn)

@@ -66,10 +66,11 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 def round_to_element(v: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
     """``v`` rounded to the nearest value of ``fmt`` (ties to even), saturating; as float32.
 
-    ``|v|`` is clamped to ``fmt.max`` first (Inf too), then values below the smallest normal are rounded
-    to a multiple of the subnormal spacing by adding and subtracting ``2**(emin - mbits + 23)`` (a float32
-    add rounds to even), normal values by rounding the float32 mantissa to ``mbits`` bits on the integer
-    view. The sign (zeros too) is kept; NaN stays NaN.
+    ``|v|`` is clamped to ``fmt.max`` (Inf too), then rounded by adding and subtracting the power of two
+    ``m = 2**(max(e, emin) + 23 - mbits)``, ``e`` the exponent of ``|v|``: the float32 sum has the
+    spacing of ``fmt`` at ``|v|`` (of its subnormals below ``2**emin``), so the add rounds to nearest even
+    on ``fmt``'s grid and the subtraction is exact. The sign (zeros too) is kept; NaN stays NaN (it
+    passes through the float ops). No select: on the CPU ``torch.where`` is ten times slower than an add.
 
     Args:
         v: float32 tensor of any shape.
@@ -77,16 +78,11 @@ def round_to_element(v: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
     Returns:
         float32, the shape of ``v``.
     """
-    a = v.abs()
-    a = torch.where(a < fmt.max, a, fmt.max)  # NaN goes to max here, and is put back below
-    magic = 2.0 ** (fmt.emin - fmt.mbits + 23)
-    sub = (a + magic) - magic
-    shift = 23 - fmt.mbits
-    b = _bits(a)
-    rounded = (b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1)) & ~((1 << shift) - 1)
-    r = torch.where(a < 2.0**fmt.emin, sub, rounded.view(torch.float32))
-    r = (_bits(r) | (_bits(v) & _SIGN)).view(torch.float32)
-    return torch.where(torch.isnan(v), v, r)
+    a = v.abs().clamp_(max=fmt.max)
+    exp = (_bits(a) >> 23).clamp_(min=fmt.emin + 127)
+    magic = exp.add_(23 - fmt.mbits).bitwise_left_shift_(23).view(torch.float32)
+    r = (a + magic).sub_(magic)
+    return _bits(r).bitwise_or_(_bits(v) & _SIGN).view(torch.float32)
 
 
 def e2m1_codes(r: torch.Tensor) -> torch.Tensor:

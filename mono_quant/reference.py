@@ -233,10 +233,9 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
 # (element rounding, e8m0 / e4m3 codes).
 
 from mono_quant.blockwise import (  # noqa: E402
-    dequantize_blocks,
     dynamic_amax,
+    fake_quantize_blocks,
     finite_block_amax,
-    quantize_blocks,
     scale_codes,
 )
 
@@ -297,5 +296,5 @@ def block_fake_quantize(
         codes = scales.view(torch.uint8)
     else:
         codes = scales.float()
-    values = quantize_blocks(x2d, block, rule, codes, tensor_scale)
-    return dequantize_blocks(values, block, rule, codes, tensor_scale).to(x.dtype).reshape(x.shape)
+    out = fake_quantize_blocks(x2d, block, rule, codes, tensor_scale)
+    return out.to(x.dtype).reshape(x.shape)
