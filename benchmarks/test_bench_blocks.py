@@ -2,8 +2,9 @@
 expression, torchao and the ceiling ``x.sum()``, on the same tensors in the same run.
 
 Two tensor sets per profile: a layer set of weights (``gpu``: the 224 Linear weights of a Llama-7B, 32
-layers of four ``[4096, 4096]``, two ``[11008, 4096]`` and one ``[4096, 11008]``; ``cpu``: one such layer;
-``tiny``: small) and activations ``[tokens, 4096]`` of the profile's sizes. Implementations:
+layers of four ``[4096, 4096]``, two ``[11008, 4096]`` and one ``[4096, 11008]``; ``cpu``: one
+``[4096, 4096]``; ``tiny``: small) and activations ``[tokens, 4096]`` of the
+profile's sizes. Implementations:
 
 - ``ceiling``: ``x.sum()`` of every tensor (one read);
 - ``torch``: the plain expression ``x.abs().view(-1, 32).amax(-1)`` (NaN-propagating, no bookkeeping);
@@ -36,7 +37,7 @@ pytestmark = [
 ]
 
 _LAYER = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
-WEIGHTS = {"tiny": [(64, 256), (96, 128)], "cpu": _LAYER, "gpu": _LAYER * 32}
+WEIGHTS = {"tiny": [(64, 256), (96, 128)], "cpu": [(4096, 4096)], "gpu": _LAYER * 32}
 HIDDEN = 4096
 ROUNDS = 5
 

@@ -234,3 +234,55 @@ def test_half_and_double_keep_the_statistics_float32():
     obs.double()
     assert obs.block_amax.dtype == torch.float32 and obs.seen.dtype == torch.int64
     assert "format='mxfp8_e4m3'" in repr(obs)
+
+
+# --- real CUDA (marked gpu: skipped without one; benchmarks/gpu_check.sh runs them) -------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, block", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_equals_torch_on_cuda(name, block, dtype):
+    pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    xs = [x.cuda() for x in batches((3, 700, 1000), dtype)]  # ragged (1000 % 128 != 0), 2.1e6 values
+    tri, ref = make(name, block, backend="triton").cuda(), make(name, block, backend="torch").cuda()
+    for x in xs:
+        tri(x), ref(x)
+    for (n, u), (_, v) in zip(tri.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(u, v), n
+    for scales in (None, ref.calculate_qparams()):
+        kw = {} if scales is None else {"scales": scales.scales, "tensor_scale": scales.tensor_scale}
+        if name == "nvfp4" and scales is None:
+            kw["tensor_scale"] = torch.tensor(0.01, device="cuda")
+        a = F.fake_quantize(xs[0].reshape(-1, 1000), name, block_size=block, backend="triton", **kw)
+        b = F.fake_quantize(xs[0].reshape(-1, 1000), name, block_size=block, backend="torch", **kw)
+        assert bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])
+def test_sync_free_and_cuda_graph_capturable(name):
+    pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    obs, eager = make(name, None, shape=(512, 1024)).cuda(), make(name, None, shape=(512, 1024)).cuda()
+    obs(x), eager(x)  # compile the kernels
+    t = torch.tensor(0.01, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        obs(x)
+        F.fake_quantize(x, name, tensor_scale=t if name == "nvfp4" else None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    eager(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        obs(x)
+        y = F.fake_quantize(x, name, tensor_scale=t if name == "nvfp4" else None)
+    for _ in range(2):
+        graph.replay()
+        eager(x)
+    torch.cuda.synchronize()
+    for (n, u), (_, v) in zip(obs.state_dict().items(), eager.state_dict().items(), strict=True):
+        assert torch.equal(u, v), n
+    assert torch.equal(y, F.fake_quantize(x, name, tensor_scale=t if name == "nvfp4" else None))

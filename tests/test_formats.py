@@ -409,3 +409,13 @@ def test_other_bad_input():
     n = F.quantize(x, "nvfp4")
     with pytest.raises(ValueError, match="without the tensor_scale"):
         F.fake_quantize(x, "nvfp4", scales=n.scales)
+
+
+def test_fake_quantize_compiles_fullgraph_with_its_gradient():
+    torch._dynamo.reset()
+    run = torch.compile(lambda x: F.fake_quantize(x, "mxfp8_e4m3") * 2, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 64, requires_grad=True)
+    y = run(x)
+    y.sum().backward()
+    assert torch.equal(y, F.fake_quantize(x, "mxfp8_e4m3") * 2)
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
