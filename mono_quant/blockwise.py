@@ -144,7 +144,7 @@ def _factors(codes: torch.Tensor, rule: BlockRule, tensor_scale) -> tuple[torch.
     return sb, sb
 
 
-CHUNK = 1 << 16  # elements per step of the element pass on the CPU: the temporaries stay in cache
+CHUNK = 1 << 15  # elements per step of the element pass on the CPU: temporaries stay in cache (and malloc)
 
 
 def _map_blocks(x2d: torch.Tensor, block: tuple[int, int], fn) -> torch.Tensor:

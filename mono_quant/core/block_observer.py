@@ -59,6 +59,11 @@ class PerBlockObserver(ObserverBase):
     counted (``nonfinite_count``), as by every observer; ``min_val`` / ``max_val`` are the tensor's finite
     range.
 
+    Merging: ``MERGE_RULES`` marks ``block_amax`` ``"max"`` (exact, order-free), but ``mono_quant.merge``
+    packs one value per buffer of a per-tensor observer, so ``merge_observers`` / ``sync_observers`` do not
+    carry this 2-D buffer yet: until they do, merge states with ``torch.maximum`` of their ``block_amax``
+    (and the usual min / max / sum of the range buffers).
+
     Buffers: those of every observer (per-tensor ``running_min``, ``running_max``, ``seen``) and
     ``block_amax``: float32 ``(RB, CB)``, ``-inf`` where no finite value was seen, sized by the first
     batch (``(0, 0)`` before) or by ``shape`` at construction.
