@@ -286,3 +286,14 @@ def test_sync_free_and_cuda_graph_capturable(name):
     for (n, u), (_, v) in zip(obs.state_dict().items(), eager.state_dict().items(), strict=True):
         assert torch.equal(u, v), n
     assert torch.equal(y, F.fake_quantize(x, name, tensor_scale=t if name == "nvfp4" else None))
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_31_elements():
+    pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    x = torch.zeros((1 << 31) // 4096 + 1, 4096, device="cuda", dtype=torch.bfloat16)
+    x[-1, -1] = 3.0
+    obs = make("mxfp8_e4m3", None, backend="triton").cuda()
+    obs(x)
+    assert float(obs.block_amax[-1, -1]) == 3.0 and float(obs.block_amax[:, :-1].max()) == 0.0
+    assert float(F.fake_quantize(x, "mxfp8_e4m3", backend="triton")[-1, -1]) == 3.0
