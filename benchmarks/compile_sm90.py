@@ -20,6 +20,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
 import triton  # noqa: E402
 from mono_quant.kernels import _binning as kbin  # noqa: E402
 from mono_quant.kernels import _smem as kbin_smem  # noqa: E402
+from mono_quant.kernels import amax as kamax  # noqa: E402
+from mono_quant.kernels import blocks as kb  # noqa: E402
+from mono_quant.kernels import fake_quant as kfq  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
@@ -58,6 +61,8 @@ def _cases():
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
     yield from _one_launch_cases()
+    yield from _training_cases()
+    yield from block_cases()
 
 
 # ---- the histogram kernels: compiled as launched (pointers 16-byte aligned), with instruction checks ----
@@ -172,6 +177,82 @@ def _check_histograms(target) -> bool:
     return failed
 
 
+def _training_cases():
+    """The amax-history step and the fake-quantize kernels (``kernels/amax.py``, ``kernels/fake_quant.py``),
+    for integer and FP8 targets; their divisions are ``tl.div_rn`` (Triton's ``/`` is approximate)."""
+    hist = {"hist_ptr": P32, "scale_ptr": P32, "dscale_ptr": P32}
+    amax = {"x_ptr": PX, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "ticket_ptr": "*i32",
+            "rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64, **hist, "n": "i64", "num_tiles": "i32",
+            "hist_len": "i32", "mult": "fp32", "div": "fp32", "eps": "fp32"}  # fmt: skip
+    for algo in (1, 2):
+        consts = {"BLOCK": 4096, "BLOCK_P": 1024, "BLOCK_H": 1024, "ALGO": algo}
+        yield f"amax_history_algo{algo}", kamax._amax_history_kernel, amax, consts, 8
+    fq = {"x_ptr": PX, "out_ptr": PX, "mask_ptr": "*i1", "scale_ptr": P32, "zp_ptr": "*i32", "n": "i64",
+          "C": "i32", "INNER": "i32", "qmin": "i32", "qmax": "i32"}  # fmt: skip
+    for fp8 in (None, kfq.torch.float8_e4m3fn):
+        for per_channel in (False, True):
+            consts = {"BLOCK": 1024, "PER_CHANNEL": per_channel, "FP64": False, **kfq.fp8_constexprs(fp8)}
+            tag = f"{'fp8' if fp8 else 'int'}_{'channel' if per_channel else 'tensor'}"
+            yield f"fake_quant_{tag}", kfq._fake_quant_kernel, fq, consts, 4
+    fq64 = dict(fq, x_ptr="*fp64", out_ptr="*fp64")
+    consts = {"BLOCK": 1024, "PER_CHANNEL": False, "FP64": True, **kfq.fp8_constexprs(None)}
+    yield "fake_quant_fp64", kfq._fake_quant_kernel, fq64, consts, 4
+    ofq = {"x_ptr": PX, "out_ptr": PX, "mask_ptr": "*i1", "scale_ptr": P32, "zp_ptr": "*i32", "pmin_ptr": P32,
+           "pmax_ptr": P32, "pbad_ptr": P64, "ticket_ptr": "*i32", "rmin_ptr": P32, "rmax_ptr": P32,
+           "seen_ptr": P64, "hist_ptr": P32, "dscale_ptr": P32, "n": "i64", "num_tiles": "i32", "qmin": "i32",
+           "qmax": "i32", "hist_len": "i32", "mult": "fp32", "div": "fp32", "eps": "fp32"}  # fmt: skip
+    for history, fp8 in ((False, None), (True, kfq.torch.float8_e4m3fn)):
+        consts = {"BLOCK": 2048, "FP64": False, "HISTORY": history, "BLOCK_P": 1024, "BLOCK_H": 1024,
+                  "ALGO": 1, **kfq.fp8_constexprs(fp8)}  # fmt: skip
+        yield (
+            f"observe_fake_quant_{'history' if history else 'range'}",
+            kfq._observe_fake_quant_kernel,
+            ofq,
+            consts,
+            8,
+        )
+
+
+# (name, element mbits / emin / emax / max, rule, k, (1, k) rows or (k, k) tiles)
+_FORMATS = (
+    ("mxfp8_e4m3", (3, -6, 8, 448.0), "e8m0_floor", 32, "rows"),
+    ("mxfp8_e5m2", (2, -14, 15, 57344.0), "e8m0_rceil", 32, "rows"),
+    ("mxfp4_e2m1", (1, 0, 2, 6.0), "e8m0_floor", 32, "rows"),
+    ("nvfp4", (1, 0, 2, 6.0), "nvfp4", 16, "rows"),
+    ("fp8_block_1x128", (3, -6, 8, 448.0), "fp32", 128, "rows"),
+    ("fp8_block_128x128", (3, -6, 8, 448.0), "fp32", 128, "tiles"),
+)
+
+
+def block_cases():
+    """``(name, kernel, signature, constexprs, num_warps)`` of every block kernel variant launched."""
+    rows = {"x_ptr": PX, "amax_ptr": P32, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "C": "i32",
+            "CB": "i32", "blocks": "i64", "num_tiles": "i32"}  # fmt: skip
+    tiles = {"x_ptr": PX, "amax_ptr": P32, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64, "R": "i32",
+             "C": "i32", "CB": "i32", "num_tiles": "i32"}  # fmt: skip
+    for k in (16, 32, 128):
+        for even in (True, False):
+            consts = {"K": k, "BLOCK_B": kb._rows_per_tile(k, 0 if even else 1), "EVEN": even}
+            yield f"block_amax_rows_k{k}{'' if even else '_ragged'}", kb._amax_rows_kernel, rows, consts, 8
+    yield "block_amax_tiles_k128", kb._amax_tiles_kernel, tiles, {"K": 128, "SUB": kb.TILE // 128}, 8
+    fq_rows = {"x_ptr": PX, "y_ptr": PX, "s_ptr": "*u8", "t_ptr": P32, "C": "i32", "CB": "i32",
+               "blocks": "i64", "num_tiles": "i32"}  # fmt: skip
+    fq_tiles = {"x_ptr": PX, "y_ptr": PX, "s_ptr": P32, "t_ptr": P32, "R": "i32", "C": "i32", "CB": "i32",
+                "num_tiles": "i32"}  # fmt: skip
+    for name, (mbits, emin, emax, maxv), rule, k, kind in _FORMATS:
+        for static in (False, True):
+            consts = {"K": k, "RULE": kb.RULES[rule], "STATIC": static, "MBITS": mbits, "EMAX": emax,
+                      "MAXV": maxv, "MIN_NORMAL": 2.0**emin, "MAGIC": 2.0 ** (emin - mbits + 23)}  # fmt: skip
+            tag = f"block_fq_{name}_{'static' if static else 'dynamic'}"
+            if kind == "rows":
+                sig = dict(fq_rows, s_ptr=P32 if rule == "fp32" else "*u8")
+                for even in (True, False):
+                    rows_consts = {**consts, "BLOCK_B": kb._rows_per_tile(k, 0 if even else 1), "EVEN": even}
+                    yield tag + ("" if even else "_ragged"), kb._fq_rows_kernel, sig, rows_consts, 8
+            else:
+                yield tag, kb._fq_tiles_kernel, fq_tiles, {**consts, "SUB": kb.TILE // k}, 8
+
+
 def _aligned(sig: dict, *ints: str) -> dict:
     """The ``attrs`` of a launch on 16-byte aligned tensors: every pointer, and the integers ``ints``,
     divisible by 16, as the JIT specializes them (without it the compile shows scalar loads that no
@@ -252,7 +333,7 @@ def main() -> int:
         spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
         spilled |= any(spills)
         nregs = regs.group(1) if regs else "?"
-        print(f"{name:32} regs={nregs:>4} spill_bytes={sum(spills):>6} ptxas_rc={out.returncode}")
+        print(f"{name:40} regs={nregs:>4} spill_bytes={sum(spills):>6} ptxas_rc={out.returncode}")
         spilled |= out.returncode != 0
     spilled |= _check_histograms(target)
     return 1 if spilled else 0

@@ -21,3 +21,9 @@ __all__ += ["fake_quantize_"]
 from .fake_quant import amax_history_fake_quantize_, observe_fake_quantize_  # noqa: E402
 
 __all__ += ["amax_history_fake_quantize_", "observe_fake_quantize_"]
+
+
+# block formats (issue 16)
+from .blocks import block_amax_update_, block_fake_quantize  # noqa: E402
+
+__all__ += ["block_amax_update_", "block_fake_quantize"]

@@ -9,17 +9,20 @@ from mono_quant._version import __version__
 from mono_quant.calibration import CalibrationResult, ExperimentalWarning, create_observer, run_calibration
 from mono_quant.core import (
     AmaxHistoryObserver,
+    BlockQParams,
     FakeQuantize,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     ObserverBase,
+    PerBlockObserver,
     PerChannelMinMaxObserver,
     QuantSpec,
     calculate_qparams,
     dequantize,
     fake_quantize,
+    formats,
     quant_range,
     quantization_sqnr,
     quantize,
@@ -31,6 +34,9 @@ from mono_quant.state import HistogramState, RangeState, merge_histograms
 
 __all__ = [
     "AmaxHistoryObserver",
+    "BlockQParams",
+    "PerBlockObserver",
+    "formats",
     "CalibrationResult",
     "ExperimentalWarning",
     "FakeQuantize",

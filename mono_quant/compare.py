@@ -31,8 +31,9 @@ from mono_quant.calibration.engine import (
     target_modules,
 )
 from mono_quant.core.base import ObserverBase
+from mono_quant.core.block_observer import PerBlockObserver
 from mono_quant.core.qparams import QuantSpec, quantization_sqnr
-from mono_quant.core.registry import create_observer
+from mono_quant.core.registry import OBSERVERS, create_observer, observer_name
 
 __all__ = [
     "COMPARED",
@@ -76,8 +77,14 @@ def make_observer(
     the layer's channel axis.
 
     Raises:
-        ValueError: ``kind`` is not a registry name.
+        ValueError: ``kind`` is not a registry name, or names an observer whose qparams are not a scale and
+            zero point (``per_block``: block scales), or the observer refuses the settings.
     """
+    if issubclass(OBSERVERS[observer_name(kind)][0], PerBlockObserver):
+        raise ValueError(
+            f"observer {kind!r} gives block scales, which this comparison does not score; use "
+            "mono_quant.PerBlockObserver with mono_quant.formats"
+        )
     obs = create_observer(kind, dtype=dtype, qscheme=qscheme)
     if obs.ch_axis is not None:
         obs = create_observer(kind, dtype=dtype, qscheme=qscheme, ch_axis=channel_axis(module))

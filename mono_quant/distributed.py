@@ -9,10 +9,10 @@ names, with observers of the same class and ``settings()`` under each.
 How each buffer merges is declared by its observer class (``MERGE_RULES``, ``mono_quant.core.base``); this
 module only carries the rules out. Per buffer:
 
-- ``"min"`` / ``"max"`` / ``"sum"``: elementwise (``running_min``, ``running_max``, ``seen``). Exact: equal to
-  one process that saw all the data.
-- ``"history_max"``: elementwise MAX of a buffer of fixed shape (``AmaxHistoryObserver.amax_history``), and
-  ``"derived"``: not reduced, recomputed by the observer from the merged buffers (``_merged``: the scale of
+- ``"min"`` / ``"max"`` / ``"sum"``: elementwise (``running_min``, ``running_max``, ``seen``; a buffer of its
+  own shape, such as ``PerBlockObserver.block_amax`` or ``AmaxHistoryObserver.amax_history``, whose shape the
+  sources agree on first). Exact: equal to one process that saw all the data.
+- ``"derived"``: not reduced, recomputed by the observer from the merged buffers (``_merged``: the scale of
   the merged history). Called after every step, a sync is TransformerEngine's ``reduce_amax``: the ranks'
   latest amaxes are reduced with MAX (the older slots agree already) and every rank takes the same scale;
   ``seen`` is summed at every call, though, so it counts earlier steps again (``AmaxHistoryObserver(
@@ -41,9 +41,11 @@ Collectives. All observers share a fixed number of ``all_reduce`` calls, whateve
    rank instead of hanging (one ``all_gather_object`` then names the first difference);
 2. MAX over the channel counts of the per-channel observers (only if there are any): a rank that saw no data
    has empty ``(0,)`` buffers and learns the size here;
-3. MIN over ``float32``: every ``"min"`` buffer and every negated ``"max"`` buffer;
-4. SUM over ``int64``: every ``"sum"`` buffer and every histogram's counts, regridded onto the merged grid;
-5. SUM over ``float64``: the weighted moving averages and their weights (only if there are any).
+3. MAX over the shapes of the buffers of their own shape (only if there are any: per-block amaxes, amax
+   histories), the same way;
+4. MIN over ``float32``: every ``"min"`` buffer and every negated ``"max"`` buffer;
+5. SUM over ``int64``: every ``"sum"`` buffer and every histogram's counts, regridded onto the merged grid;
+6. SUM over ``float64``: the weighted moving averages and their weights (only if there are any).
 
 With ``gloo`` the buffers are CPU tensors, with ``nccl`` tensors on ``torch.cuda.current_device()`` (call
 ``torch.cuda.set_device(local_rank)`` first, as usual), with any other backend on the observers' device.

@@ -8,6 +8,7 @@ functions of the observers, with the reduction passed in (``all_reduce`` across 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 
@@ -122,6 +123,47 @@ def _check_layouts(entries: Entries, reduce: Reduce, gather: Gather, sources: li
     per_channel = [i for i, (_, obs) in enumerate(entries) if obs.ch_axis is not None]
     if not per_channel:
         return channels
+    _agree_channels(entries, reduce, sources, device, channels, per_channel)
+    return channels
+
+
+def _shaped(obs: ObserverBase) -> list[str]:
+    """The "min" / "max" buffers an observer sizes itself (not the per-tensor or per-channel range)."""
+    return [b for b, r in obs.MERGE_RULES.items() if r in ("min", "max") and b not in _RANGE]
+
+
+def _shapes(entries: Entries, reduce: Reduce, sources: list[Entries], device) -> dict:
+    """``(observer index, buffer) -> shape`` of every ``_shaped`` buffer, the same on every source that
+    saw data (an empty one takes it from the others), by one MAX over ``[dims, -dims]``.
+
+    Raises:
+        ValueError: two sources hold a buffer of different shapes.
+    """
+    shaped = [(i, b) for i, (_, obs) in enumerate(entries) for b in _shaped(obs)]
+    if not shaped:
+        return {}
+    bufs = []
+    for src in sources:
+        dims = []
+        for i, b in shaped:
+            buf = src[i][1]._buffers[b]
+            dims += [*buf.shape, *((_NO_CHANNELS if buf.numel() == 0 else -d) for d in buf.shape)]
+        bufs.append(torch.tensor(dims, dtype=torch.int64, device=device))
+    reduced, out, offset = reduce("max", bufs).tolist(), {}, 0
+    for i, b in shaped:
+        k = entries[i][1]._buffers[b].dim()
+        hi, lo = reduced[offset : offset + k], [-v for v in reduced[offset + k : offset + 2 * k]]
+        offset += 2 * k
+        if all(h > 0 for h in hi) and lo != hi:
+            raise ValueError(
+                f"cannot merge observer {entries[i][0]!r}: its {b} has shape {tuple(lo)} in one rank or "
+                f"source and {tuple(hi)} in another; it must watch tensors of one shape"
+            )
+        out[i, b] = tuple(hi)
+    return out
+
+
+def _agree_channels(entries, reduce, sources, device, channels, per_channel) -> None:
     bufs = []
     for src in sources:
         sizes = torch.tensor([src[i][1].running_min.numel() for i in per_channel], dtype=torch.int64)
@@ -137,7 +179,9 @@ def _check_layouts(entries: Entries, reduce: Reduce, gather: Gather, sources: li
                 f"and {c_max} in another; per-channel observers must watch tensors of one shape"
             )
         channels[i] = c_max
-    return channels
+
+
+_RANGE = ("running_min", "running_max")
 
 
 def _buffers(obs: ObserverBase, rule: str) -> list[str]:
@@ -155,34 +199,34 @@ def _padded(t: torch.Tensor, size: int, fill: float, device) -> torch.Tensor:
     return t.reshape(-1).to(device=device, dtype=torch.float32)
 
 
-def _pack_minmax(src: Entries, channels: list[int], device) -> torch.Tensor:
-    """float32: every "min" buffer, then every negated "max" and "history_max" buffer (reduced by MIN)."""
+def _size(shapes: dict, i: int, b: str, c: int) -> int:
+    return math.prod(shapes[i, b]) if (i, b) in shapes else c
+
+
+def _pack_minmax(src: Entries, channels: list[int], shapes: dict, device) -> torch.Tensor:
+    """float32: every "min" buffer, then every negated "max" buffer (reduced by MIN); a buffer of its own
+    shape (``_shaped``: a per-block amax, an amax history) in full."""
     parts = []
     for sign, rule, fill in ((1, "min", float("inf")), (-1, "max", float("-inf"))):
-        for (_, obs), c in zip(src, channels, strict=True):
-            parts += [sign * _padded(obs._buffers[b], c, fill, device) for b in _buffers(obs, rule)]
-    for _, obs in src:
-        parts += [
-            -obs._buffers[b].reshape(-1).to(device, torch.float32) for b in _buffers(obs, "history_max")
-        ]
+        for i, ((_, obs), c) in enumerate(zip(src, channels, strict=True)):
+            parts += [
+                sign * _padded(obs._buffers[b], _size(shapes, i, b, c), fill, device)
+                for b in _buffers(obs, rule)
+            ]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32, device=device)
 
 
 def _unpack_minmax(
-    entries: Entries, channels: list[int], reduced: torch.Tensor
+    entries: Entries, channels: list[int], shapes: dict, reduced: torch.Tensor
 ) -> dict[tuple[int, str], torch.Tensor]:
     """``(observer index, buffer) -> merged value`` of the reduced MIN buffer."""
     out, offset = {}, 0
     for sign, rule in ((1, "min"), (-1, "max")):
         for i, ((_, obs), c) in enumerate(zip(entries, channels, strict=True)):
             for b in _buffers(obs, rule):
-                out[i, b] = (sign * reduced[offset : offset + c]).reshape(_shape(obs, c))
-                offset += c
-    for i, (_, obs) in enumerate(entries):
-        for b in _buffers(obs, "history_max"):
-            n = obs._buffers[b].numel()
-            out[i, b] = (-reduced[offset : offset + n]).reshape(obs._buffers[b].shape)
-            offset += n
+                n = _size(shapes, i, b, c)
+                out[i, b] = (sign * reduced[offset : offset + n]).reshape(shapes.get((i, b), _shape(obs, c)))
+                offset += n
     return out
 
 
@@ -255,10 +299,11 @@ def merge(sources: list[Entries], targets: Entries, reduce: Reduce, gather: Gath
     channels = _check_layouts(targets, reduce, gather, sources, device)
     if not targets:
         return
-    minmax_bufs = [_pack_minmax(src, channels, device) for src in sources]
+    shapes = _shapes(targets, reduce, sources, device)
+    minmax_bufs = [_pack_minmax(src, channels, shapes, device) for src in sources]
     merged = {}
     if minmax_bufs[0].numel() > 0:  # the same on every source: the layouts agree
-        merged = _unpack_minmax(targets, channels, reduce("min", minmax_bufs))
+        merged = _unpack_minmax(targets, channels, shapes, reduce("min", minmax_bufs))
     ranges = _histogram_ranges(targets, merged)
     packed = [_pack_sums(src, ranges, device) for src in sources]
     sums, grids = reduce("sum", [p[0] for p in packed]), packed[0][1]

@@ -38,6 +38,7 @@ OBSERVER_COLORS = {
     "per_channel": "tab:brown",
     "moving_average_per_channel": "tab:pink",
     "amax_history": "tab:cyan",
+    "per_block": "black",
 }
 
 

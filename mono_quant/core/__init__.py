@@ -1,5 +1,7 @@
 """Observers, the quantization-parameter arithmetic and the threshold searches."""
 
+from mono_quant.core import formats
+from mono_quant.core.block_observer import BlockQParams, PerBlockObserver
 from mono_quant.core.fake_quant import FakeQuantize
 from mono_quant.core.observers import (
     AmaxHistoryObserver,
@@ -24,6 +26,9 @@ from mono_quant.core.registry import OBSERVERS, ExperimentalWarning, create_obse
 
 __all__ = [
     "AmaxHistoryObserver",
+    "BlockQParams",
+    "PerBlockObserver",
+    "formats",
     "OBSERVERS",
     "ExperimentalWarning",
     "FakeQuantize",

@@ -31,10 +31,10 @@ __all__ = ["StateError", "EMA_RULES", "RANGE_RULES", "ObserverBase"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _EPS = torch.finfo(torch.float32).eps
 
-# How a buffer merges (``mono_quant.distributed``): "min" / "max" / "sum" elementwise; "ema" the mean of
-# the sources' moving averages weighted by the batches each observed; "grid" the canonical grid of the
-# merged range; "counts" histogram counts moved onto that grid and added; "history_max" elementwise MAX of a
-# fixed-shape buffer; "derived" recomputed by the observer's ``_merged`` from the merged buffers.
+# How a buffer merges (``mono_quant.distributed``): "min" / "max" / "sum" elementwise (a buffer other than the
+# range in its own shape, agreed across sources); "ema" the mean of the sources' moving averages weighted by
+# the batches each observed; "grid" the canonical grid of the merged range; "counts" histogram counts moved
+# onto that grid and added; "derived" recomputed by the observer's ``_merged`` from the merged buffers.
 RANGE_RULES = {"running_min": "min", "running_max": "max", "seen": "sum"}
 EMA_RULES = {"running_min": "ema", "running_max": "ema", "seen": "sum"}
 

@@ -319,7 +319,7 @@ class AmaxHistoryObserver(ObserverBase):
             callable that returns a non-scalar or a non-float tensor (on the call that does).
     """
 
-    MERGE_RULES = {**RANGE_RULES, "amax_history": "history_max", "scale": "derived"}
+    MERGE_RULES = {**RANGE_RULES, "amax_history": "max", "scale": "derived"}
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+from mono_quant.core.block_observer import PerBlockObserver
 from mono_quant.core.observers import (
     AmaxHistoryObserver,
     HistogramObserver,
@@ -32,6 +33,7 @@ OBSERVERS: dict[str, tuple[type[ObserverBase], dict]] = {
     "per_channel": (PerChannelMinMaxObserver, {}),
     "moving_average_per_channel": (MovingAveragePerChannelMinMaxObserver, {}),
     "amax_history": (AmaxHistoryObserver, {}),
+    "per_block": (PerBlockObserver, {}),
 }
 ALIASES = {"ema": "moving_average", "per_channel_minmax": "per_channel"}
 
