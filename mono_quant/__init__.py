@@ -29,6 +29,7 @@ from mono_quant.core import (
     sqnr,
 )
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
+from mono_quant.export import export  # the function; the module's names: from mono_quant.export import ...
 from mono_quant.qat import fake_quantizers, prepare_qat, remove_qat
 from mono_quant.state import HistogramState, RangeState, merge_histograms
 
@@ -53,6 +54,7 @@ __all__ = [
     "calculate_qparams",
     "create_observer",
     "dequantize",
+    "export",
     "fake_quantize",
     "fake_quantizers",
     "merge_histograms",

@@ -28,6 +28,7 @@ from mono_quant.args import (
 from mono_quant.cli_inputs import (
     DEFAULT_BATCHES,
     PROG,
+    check_exports,
     check_outputs,
     default_threads,
     error,
@@ -91,6 +92,11 @@ so a failed write leaves it as it was; a write that fails after calibrating prin
                 obs}}) to continue calibrating, or to merge runs with mono_quant.merge_observers; a file
                 it cannot load raises mono_quant.io.StateFileError naming what is wrong and where
   --plot        the image format follows the extension (png, pdf, svg, ...; png without one)
+  --export      FORMAT:PATH, several allowed: tensorrt (a TensorRT calibration cache: per-tensor symmetric
+                int8, so --qscheme symmetric), safetensors (<layer>.input_scale, input_zero_point (affine)
+                and weight_scale [out, 1]: the names of vLLM's compressed-tensors loader; int8 or
+                fp8_e4m3), json (as --save); per layer the observer --export-observer names, or (best) the
+                best SQNR among those the format holds; checked before calibrating
 
 exit status: 0 done, 2 a mistake in the arguments or an output that cannot be written (one line on
 stderr), 130 interrupted, 141 stdout closed early (mono-quant calibrate | head): the rest is dropped
@@ -101,6 +107,7 @@ examples:
   mono-quant calibrate --observer minmax,kl --dtype int4 --qscheme symmetric
   mono-quant calibrate --model mypkg.models:build_model --data calib.pt --batches 32
   mono-quant calibrate --save qparams.json --save-state observers.pt --plot ranges.png
+  mono-quant calibrate --qscheme symmetric --export tensorrt:calib.cache --export safetensors:scales.st
   PYTHONPATH=src mono-quant calibrate --model tiny:make --data batches.pt --device cuda --quiet
 """
 
@@ -169,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--save-state", metavar="OBSERVERS.pt", help="write the observers' state_dicts (torch.save)"
     )
+    cal.add_argument(
+        "--export",
+        action="append",
+        metavar="FORMAT:PATH",
+        help="write qparams for an engine: tensorrt (calibration cache), safetensors (vLLM "
+        "compressed-tensors scale names), json (as --save); may be given several times",
+    )
+    cal.add_argument(
+        "--export-observer",
+        default="best",
+        metavar="KIND",
+        help="the observer each --export writes per layer: best (default: the best SQNR among those the "
+        "format can hold) or an observer name",
+    )
     sub.add_parser("bench", help="benchmark the observers (see mono-quant bench --help)", add_help=False)
     return parser
 
@@ -192,6 +213,7 @@ def _write_outputs(args, cmp, model, held_out, device, name: str) -> tuple[list[
     """
     from mono_quant import io, plot
     from mono_quant.calibration import engine
+    from mono_quant.export import FORMATS, export
 
     def qparams(path):
         io.save_qparams(cmp, path, model=name)
@@ -204,20 +226,31 @@ def _write_outputs(args, cmp, model, held_out, device, name: str) -> tuple[list[
     def figure(path):
         plot.plot_comparison(cmp, path, engine.capture_inputs(model, held_out, device))
 
+    def exporter(fmt: str):
+        def write(path):
+            done = export(cmp, path, fmt, observer=args.export_observer, model=model)
+            kinds = sorted(set(done.layers.values()))
+            return f" ({len(done.layers)} layers; observers: {', '.join(kinds)})"
+
+        return write
+
     writers = {
         "--save": ("qparams", qparams),
         "--save-state": ("observer state", state),
         "--plot": ("plot", figure),
     }
+    writers.update({f"--export {fmt}": (f"{fmt} export", exporter(fmt)) for fmt in FORMATS})
     wrote, failed = [], []
     for flag, path in output_files(args):
         what, write = writers[flag]
         try:
-            write(path)
+            note = write(path) or ""
         except OSError as e:
             failed.append(f"{flag} {path}: cannot write it ({e.strerror or one_line(e)})")
+        except ValueError as e:  # a layer the export cannot hold (checked on fresh observers before)
+            failed.append(f"{flag} {path}: {one_line(e)}")
         else:
-            wrote.append(f"wrote {what} to {path}")
+            wrote.append(f"wrote {what} to {path}{note}")
     return wrote, failed
 
 
@@ -254,6 +287,7 @@ def _compare(args, threads: int) -> int:
             compare.make_observer(kind, dtype, args.qscheme)
         except ValueError as e:
             raise error(f"--observer {kind} with --dtype {args.dtype}: {e}") from None
+    check_exports(args, kinds, dtype)
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     try:

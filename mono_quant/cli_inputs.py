@@ -65,10 +65,52 @@ def parse_device(text: str):
     raise error(f"--device {text}: device type {dev.type!r} is not supported; {allowed}")
 
 
+def export_targets(args) -> list[tuple[str, str]]:
+    """``(format, path)`` of every ``--export FORMAT:PATH``."""
+    from mono_quant.export import FORMATS
+
+    out = []
+    for text in getattr(args, "export", None) or []:
+        fmt, sep, path = text.partition(":")
+        if not sep or not path:
+            raise error(f"--export {text!r}: expected FORMAT:PATH, e.g. tensorrt:calib.cache")
+        if fmt not in FORMATS:
+            raise error(f"--export {text}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        out.append((fmt, path))
+    return out
+
+
 def output_files(args) -> list[tuple[str, str]]:
-    """``(flag, path)`` of every output file asked for."""
-    wanted = (("--save", args.save), ("--save-state", args.save_state), ("--plot", args.plot))
+    """``(flag, path)`` of every output file asked for (``--export FORMAT`` for each export)."""
+    wanted = [("--save", args.save), ("--save-state", args.save_state), ("--plot", args.plot)]
+    wanted += [(f"--export {fmt}", path) for fmt, path in export_targets(args)]
     return [(flag, path) for flag, path in wanted if path is not None]
+
+
+def check_exports(args, kinds, dtype) -> None:
+    """Each ``--export`` format can hold the qparams of an observer ``--export-observer`` picks: checked
+    on fresh observers of ``kinds`` before calibrating (every layer's observers share these settings)."""
+    from mono_quant import compare
+    from mono_quant.export import check_observers
+
+    targets = export_targets(args)
+    if not targets:
+        return
+    choice = args.export_observer
+    if choice != "best":
+        try:
+            choice = observer_kind(choice)
+        except ValueError as e:
+            raise error(f"--export-observer: {e}, or best") from None
+        if choice not in kinds:
+            calibrated = ", ".join(kinds)
+            raise error(f"--export-observer {choice}: not among the observers calibrated ({calibrated})")
+    row = {kind: compare.make_observer(kind, dtype, args.qscheme) for kind in kinds}
+    for fmt, path in targets:
+        try:
+            check_observers(fmt, row, choice)
+        except ValueError as e:
+            raise error(f"--export {fmt}:{path}: {e}") from None
 
 
 def same_file(a: str, b: str) -> bool:

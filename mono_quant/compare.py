@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "make_observer",
     "score_observers",
     "unmeasurable",
+    "unscored",
     "winner_line",
 ]
 
@@ -298,6 +299,36 @@ def compare_observers(
     unmeasured = {layer: why for layer, why in unmeasured.items() if why is not None}
     resolved = QuantSpec(dtype, qscheme).qscheme
     return Comparison(scores, dtype, resolved, len(calibration), description, unmeasured)
+
+
+def unscored(observers: Mapping[str, Mapping[str, ObserverBase]], batches: int = 0) -> Comparison:
+    """A ``Comparison`` of observers that no held-out batch scored: their qparams and clip ranges, every
+    ``sqnr_db`` ``None`` (so no layer has a best). What ``save_qparams`` writes for a ``run_calibration``
+    result.
+
+    Args:
+        observers: ``{layer: {kind: observer}}``; layers whose observers saw nothing finite are left out.
+        batches: the calibration batches, for the file.
+
+    Raises:
+        ValueError: the observers do not share one dtype and qscheme (a qparams file holds one).
+    """
+    scores: dict[str, dict[str, Score]] = {}
+    specs = set()
+    for layer, row in observers.items():
+        if not row or any(not obs._has_finite() for obs in row.values()):
+            continue
+        scores[layer] = {}
+        for kind, obs in row.items():
+            scale, zp = obs.calculate_qparams()
+            lo, hi = _clip_range(obs.spec, scale, zp)
+            scores[layer][kind] = Score(layer, kind, obs, scale.cpu(), zp.cpu(), lo, hi, None, 0.0)
+            specs.add((obs.dtype, obs.qscheme))
+    if len(specs) > 1:
+        shown = ", ".join(sorted(f"{d} {q}" for d, q in specs))
+        raise ValueError(f"the observers mix dtypes or qschemes ({shown}); a qparams file holds one")
+    dtype, qscheme = next(iter(specs)) if specs else (torch.int8, "affine")
+    return Comparison(scores, dtype, qscheme, batches)
 
 
 # --- output ----------------------------------------------------------------------------------------------

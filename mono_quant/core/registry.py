@@ -20,7 +20,7 @@ from mono_quant.core.observers import (
     PerChannelMinMaxObserver,
 )
 
-__all__ = ["ALIASES", "OBSERVERS", "ExperimentalWarning", "create_observer", "observer_name"]
+__all__ = ["ALIASES", "OBSERVERS", "ExperimentalWarning", "create_observer", "name_of", "observer_name"]
 
 # name -> (class, preset keywords)
 OBSERVERS: dict[str, tuple[type[ObserverBase], dict]] = {
@@ -118,3 +118,21 @@ def create_observer(observer_type: str, **kwargs) -> ObserverBase:
                 f"use 'histogram' with {key}={kwargs[key]!r}"
             )
     return cls(**{**preset, **kwargs})
+
+
+def name_of(obs: ObserverBase) -> str:
+    """The registry name that describes ``obs``: the one whose class and preset keywords it matches, a name
+    with a preset first (a ``HistogramObserver(method="mse")`` is ``"mse"``, not ``"histogram"``).
+
+    Raises:
+        ValueError: no registry name describes it (a class of the user's own).
+    """
+    settings = obs.settings() if hasattr(obs, "settings") else {}
+    matches = [
+        name
+        for name, (cls, preset) in OBSERVERS.items()
+        if type(obs) is cls and all(settings.get(k) == v for k, v in preset.items())
+    ]
+    if not matches:
+        raise ValueError(f"no registry name describes a {type(obs).__name__}; names: {', '.join(OBSERVERS)}")
+    return max(matches, key=lambda name: len(OBSERVERS[name][1]))
