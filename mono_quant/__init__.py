@@ -28,6 +28,7 @@ from mono_quant.core import (
     quantize,
     sqnr,
 )
+from mono_quant.core.channel_stats import ChannelStatsObserver, smoothing_factors
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
 from mono_quant.export import export  # the function; the module's names: from mono_quant.export import ...
 from mono_quant.qat import fake_quantizers, prepare_qat, remove_qat
@@ -39,6 +40,7 @@ __all__ = [
     "PerBlockObserver",
     "formats",
     "CalibrationResult",
+    "ChannelStatsObserver",
     "ExperimentalWarning",
     "FakeQuantize",
     "HistogramObserver",
@@ -66,6 +68,7 @@ __all__ = [
     "quantize",
     "remove_qat",
     "run_calibration",
+    "smoothing_factors",
     "sqnr",
     "sync_observers",
 ]

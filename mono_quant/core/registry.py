@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from mono_quant.core.block_observer import PerBlockObserver
+from mono_quant.core.channel_stats import ChannelStatsObserver
 from mono_quant.core.observers import (
     AmaxHistoryObserver,
     HistogramObserver,
@@ -34,6 +35,7 @@ OBSERVERS: dict[str, tuple[type[ObserverBase], dict]] = {
     "moving_average_per_channel": (MovingAveragePerChannelMinMaxObserver, {}),
     "amax_history": (AmaxHistoryObserver, {}),
     "per_block": (PerBlockObserver, {}),
+    "channel_stats": (ChannelStatsObserver, {}),
 }
 ALIASES = {"ema": "moving_average", "per_channel_minmax": "per_channel"}
 
