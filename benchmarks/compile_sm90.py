@@ -23,6 +23,7 @@ from mono_quant.kernels import _smem as kbin_smem  # noqa: E402
 from mono_quant.kernels import amax as kamax  # noqa: E402
 from mono_quant.kernels import blocks as kb  # noqa: E402
 from mono_quant.kernels import fake_quant as kfq  # noqa: E402
+from mono_quant.kernels import group_minmax as kgroup  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
@@ -61,6 +62,11 @@ def _cases():
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
     yield from _one_launch_cases()
+    # ObserverGroup: pointers loaded from an int64 table and cast in the kernel
+    table = {"table_ptr": P64, "pmin_ptr": P32, "pmax_ptr": P32, "pbad_ptr": P64}
+    yield "group_partial", kgroup._group_partial_kernel, {**table, "T": "i32", "W": "i32"}, \
+        {"BLOCK": kgroup.BLOCK, "LOG_T": 8}, 8  # fmt: skip
+    yield "group_finalize", kgroup._group_finalize_kernel, {**table, "W": "i32"}, {"BLOCK_P": 1024}, 4
     yield from _training_cases()
     yield from block_cases()
 

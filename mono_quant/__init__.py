@@ -31,6 +31,7 @@ from mono_quant.core import (
 from mono_quant.core.channel_stats import ChannelStatsObserver, smoothing_factors
 from mono_quant.distributed import merge_observers, merge_state_dicts, sync_observers
 from mono_quant.export import export  # the function; the module's names: from mono_quant.export import ...
+from mono_quant.group import ObserverGroup, calibrate_weights
 from mono_quant.qat import fake_quantizers, prepare_qat, remove_qat
 from mono_quant.state import HistogramState, RangeState, merge_histograms
 
@@ -42,6 +43,7 @@ __all__ = [
     "CalibrationResult",
     "ChannelStatsObserver",
     "ExperimentalWarning",
+    "ObserverGroup",
     "FakeQuantize",
     "HistogramObserver",
     "HistogramState",
@@ -67,6 +69,7 @@ __all__ = [
     "quantization_sqnr",
     "quantize",
     "remove_qat",
+    "calibrate_weights",
     "run_calibration",
     "smoothing_factors",
     "sqnr",

@@ -3,6 +3,7 @@ float64 reference written out below."""
 
 import pytest
 import torch
+from spawn_ranks import run_ranks
 from torch import nn
 
 import mono_quant as mq
@@ -190,57 +191,22 @@ def _rank_shares(world: int) -> list[list[torch.Tensor]]:
     return {2: [batches[:1], batches[1:]], 3: [batches[1:3], [batches[0], batches[3]], []]}[world]
 
 
-def _sync_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import datetime
-    import traceback
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-        try:
-            obs = mq.ChannelStatsObserver(num_channels=6)  # sized: the rank without data can merge too
-            for b in _rank_shares(world)[rank]:
-                obs(b)
-            mq.sync_observers({"x": obs})
-        finally:
-            dist.destroy_process_group()
-        torch.save({k: v.clone() for k, v in obs.state_dict().items()}, Path(outdir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+def _sync_rank(rank: int, world: int) -> dict:
+    obs = mq.ChannelStatsObserver(num_channels=6)  # sized: the rank without data can merge too
+    for b in _rank_shares(world)[rank]:
+        obs(b)
+    mq.sync_observers({"x": obs})
+    return {k: v.clone() for k, v in obs.state_dict().items()}
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sync_across_ranks_is_the_single_process_state(world, tmp_path):
-    import multiprocessing
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "mono_quant", __name__])
-    procs = [
-        ctx.Process(target=_sync_worker, args=(r, world, store.port, str(tmp_path)), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(90)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    errors = "\n".join(f.read_text() for f in tmp_path.glob("*.err"))
-    assert not hung and all(p.exitcode == 0 for p in procs), errors
+    ranks = run_ranks(world, _sync_rank, tmp_path, __name__)
     whole = mq.ChannelStatsObserver(num_channels=6)
     for share in _rank_shares(world):
         for b in share:
             whole(b)
-    for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(ranks):
         for name in ("running_min", "running_max", "seen", "count"):
             assert torch.equal(got[name], getattr(whole, name)), (rank, name)
         for name in ("abs_sum", "sq_sum"):
