@@ -239,8 +239,8 @@ class HistogramObserver(ObserverBase):
         self.origin.zero_()
         self.counts.zero_()
 
-    def _observe(self, x: torch.Tensor) -> None:
-        histogram_update_(x, self.state(), backend=self.backend)
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        histogram_update_(x, self.state(), mask=mask, backend=self.backend)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = search_range(
@@ -396,14 +396,14 @@ class AmaxHistoryObserver(ObserverBase):
         self.delayed_scale.fill_(1.0)
         self.ticket.zero_()
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         algo = self.amax_compute_algo
         state = self.history_state()
         consts = (self._multiplier, self._divisor, self.eps)
         if not callable(algo):
-            amax_history_update_(x, state, algo, *consts, backend=self.backend)
+            amax_history_update_(x, state, algo, *consts, mask=mask, backend=self.backend)
         else:
-            amax_history_update_(x, state, "none", *consts, backend=self.backend)
+            amax_history_update_(x, state, "none", *consts, mask=mask, backend=self.backend)
             self.scale.copy_(amax_scale(self._call_algo(), self.scale, *consts))
         if self.reduce_amax and _distributed(self.group):
             # the older slots agree already; MAX of the newest, then the scale of the reduced history (where
