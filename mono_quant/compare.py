@@ -32,7 +32,8 @@ from mono_quant.calibration.engine import (
 )
 from mono_quant.core.base import ObserverBase
 from mono_quant.core.block_observer import PerBlockObserver
-from mono_quant.core.qparams import QuantSpec, quantization_sqnr
+from mono_quant.core.qparams import QuantSpec
+from mono_quant.core.quantize import quantization_sqnr
 from mono_quant.core.registry import OBSERVERS, create_observer, observer_name
 
 __all__ = [

@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from mono_quant.core.qparams import (
-    dequantize,
-    fake_quantize,
-    quant_range,
-    quantization_sqnr,
-    quantize,
-    sqnr,
-)
+from mono_quant.core.qparams import quant_range
+from mono_quant.core.quantize import dequantize, fake_quantize, quantization_sqnr, quantize, sqnr
 
 
 def test_quantize_codes_by_hand():

@@ -12,16 +12,8 @@ from mono_quant.core.observers import (
     ObserverBase,
     PerChannelMinMaxObserver,
 )
-from mono_quant.core.qparams import (
-    QuantSpec,
-    calculate_qparams,
-    dequantize,
-    fake_quantize,
-    quant_range,
-    quantization_sqnr,
-    quantize,
-    sqnr,
-)
+from mono_quant.core.qparams import QuantSpec, calculate_qparams, quant_range
+from mono_quant.core.quantize import dequantize, fake_quantize, quantization_sqnr, quantize, sqnr
 from mono_quant.core.registry import OBSERVERS, ExperimentalWarning, create_observer
 
 __all__ = [
