@@ -20,14 +20,17 @@ from types import ModuleType
 import torch
 
 import mono_quant.reference as reference
-from mono_quant.state import HistogramState, RangeState
+import mono_quant.reference_segments as reference_segments
+from mono_quant.state import HistogramState, RangeState, SegmentState
 
 __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
     "check_backend",
+    "histogram_segments_update_",
     "histogram_update_",
     "minmax_per_channel_update_",
+    "minmax_segments_update_",
     "minmax_update_",
     "resolve_backend",
     "triton_available",
@@ -256,6 +259,43 @@ def histogram_update_(
         torch.ops.mono_quant.histogram_update(x, *state, backend, mask)
         return
     _impl(x, backend).histogram_update_(x, state, mask=mask)
+
+
+# --- segmented observation (MoE experts; mono_quant.reference_segments) ---------------------------------
+
+
+def minmax_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: SegmentState,
+    averaging_constant: float | None = None,
+    *,
+    ch_axis: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """See ``mono_quant.reference_segments.minmax_segments_update_``; ``backend`` as in
+    ``resolve_backend`` (the kernel: ``mono_quant.kernels.segments``, one launch per call)."""
+    impl = reference_segments if resolve_backend(x, backend) == "torch" else _kernels()
+    impl = impl if hasattr(impl, "minmax_segments_update_") else reference_segments
+    impl.minmax_segments_update_(x, segments, state, averaging_constant, ch_axis=ch_axis, mask=mask)
+
+
+def histogram_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: HistogramState,
+    tokens_seen: torch.Tensor,
+    invalid: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """See ``mono_quant.reference_segments.histogram_segments_update_``: per segment the histogram update of
+    ``backend`` (``resolve_backend``) on the rows routed to it; the routing is read on the host."""
+    update = _impl(x, backend).histogram_update_
+    reference_segments.histogram_segments_update_(x, segments, state, tokens_seen, invalid, mask=mask,
+                                                  update=update)  # fmt: skip
 
 
 # --- amax history (mono_quant.history) ---------------------------------------------------------------------

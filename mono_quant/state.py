@@ -20,7 +20,7 @@ import torch
 
 from mono_quant.grid import E_MIN, regrid_to_range
 
-__all__ = ["HistogramState", "RangeState", "Seen", "merge_histograms"]
+__all__ = ["HistogramState", "RangeState", "SegmentState", "Seen", "merge_histograms"]
 
 
 class Seen:
@@ -54,6 +54,36 @@ class RangeState(NamedTuple):
             torch.full((*segments, *shape), float("-inf"), device=device),
             torch.zeros((*segments, Seen.SIZE), dtype=torch.int64, device=device),
         )
+
+
+class SegmentState(NamedTuple):
+    """A segmented range state (``forward(x, segments=idx, num_segments=E)``): E sets of statistics.
+
+    running_min, running_max: float32 ``(E,)`` per tensor or ``(E, C)`` per channel; seen: int64 ``(E, 4)``;
+    tokens_seen: int64 ``(E,)``, the rows routed to each segment that were not wholly masked; invalid:
+    int64 ``()``, the routing entries outside ``[0, E)`` that were dropped (counted where no host may read
+    them, on CUDA; on the CPU such an entry is an error before anything changes).
+    """
+
+    running_min: torch.Tensor
+    running_max: torch.Tensor
+    seen: torch.Tensor
+    tokens_seen: torch.Tensor
+    invalid: torch.Tensor
+
+    @staticmethod
+    def empty(num_segments: int, shape: tuple[int, ...] = (), device=None) -> SegmentState:
+        """A segmented state of ``num_segments`` segments that has seen nothing."""
+        return SegmentState(
+            *RangeState.empty(shape, device, (num_segments,)),
+            torch.zeros(num_segments, dtype=torch.int64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    @property
+    def range(self) -> RangeState:
+        """The range part: ``(E, ...)`` running min/max and ``(E, 4)`` seen (views of the same tensors)."""
+        return RangeState(self.running_min, self.running_max, self.seen)
 
 
 class HistogramState(NamedTuple):

@@ -23,9 +23,15 @@ import json
 import torch
 from torch import nn
 
+from mono_quant.core import segments as _seg
 from mono_quant.core.qparams import QuantSpec, calculate_qparams, dtype_name
-from mono_quant.ops import check_backend, minmax_per_channel_update_, minmax_update_
-from mono_quant.state import RangeState, Seen
+from mono_quant.ops import (
+    check_backend,
+    minmax_per_channel_update_,
+    minmax_segments_update_,
+    minmax_update_,
+)
+from mono_quant.state import RangeState, Seen, SegmentState
 
 __all__ = ["StateError", "EMA_RULES", "RANGE_RULES", "ObserverBase", "check_mask"]
 
@@ -58,6 +64,10 @@ class ObserverBase(nn.Module):
     # _version 3: ``seen`` gains the slot ``Seen.MASKED`` (values left out by a mask): ``(4,)``; a saved
     # ``(3,)`` seen (versions 1 and 2) loads with 0 masked values.
     _version = 3
+    # segmented observation (``mono_quant.core.segments``): whether this kind takes ``segments=``, and the
+    # buffers that gain the leading ``E`` dim
+    SEGMENTED = True
+    SEGMENT_FIELDS: tuple[str, ...] = RangeState._fields
     ch_axis: int | None = None
     averaging_constant: float | None = None
     num_channels: int | None = None
@@ -126,6 +136,28 @@ class ObserverBase(nn.Module):
         """How many values a ``mask`` left out (under ``False``) of every statistic (reads the device)."""
         return int(self.seen[..., Seen.MASKED].sum())
 
+    @property
+    def num_segments(self) -> int | None:
+        """``E`` of a segmented observer (``mono_quant.core.segments``), ``None`` otherwise."""
+        tokens = self._buffers.get("tokens_seen")
+        return None if tokens is None else tokens.shape[0]
+
+    @property
+    def invalid_segment_count(self) -> int:
+        """Routing entries outside ``[0, E)`` dropped on CUDA (reads the device; 0 if not segmented)."""
+        invalid = self._buffers.get("invalid_segments")
+        return 0 if invalid is None else int(invalid)
+
+    def segment(self, e: int) -> ObserverBase:
+        """A plain observer of this class and settings holding segment ``e``'s state (a copy)."""
+        return _seg.segment_observer(self, e)
+
+    def segment_state(self) -> SegmentState:
+        """A segmented observer's state as a ``SegmentState`` (views of the buffers)."""
+        return SegmentState(
+            self.running_min, self.running_max, self.seen, self.tokens_seen, self.invalid_segments
+        )
+
     def range_state(self) -> RangeState:
         """The running range and ``seen`` as a ``RangeState`` (views of the buffers)."""
         return RangeState(*(self._buffers[name] for name in RangeState._fields))
@@ -139,7 +171,14 @@ class ObserverBase(nn.Module):
         return bool((self.seen[..., Seen.FINITE] > 0).any())
 
     # --- the interface -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+        num_segments: int | None = None,
+    ) -> torch.Tensor:
         """Observe ``x`` and return it unchanged.
 
         Args:
@@ -149,6 +188,9 @@ class ObserverBase(nn.Module):
                 activations): the values under ``False`` are left out of every statistic and counted in
                 ``masked_count``; non-finite values are counted among the others only. A batch whose values
                 are all masked changes nothing but ``masked_count``.
+            segments, num_segments: a segmented observation (``mono_quant.core.segments``): the rows of
+                ``x`` (``x.shape[0]``) routed by ``segments`` (integer ``[N]`` or ``[N, k]``) to ``E =
+                num_segments`` sets of statistics, fixed at the first such call.
 
         Raises:
             TypeError: ``x`` is not a dense, strided tensor of float16, bfloat16, float32 or float64 with
@@ -156,7 +198,9 @@ class ObserverBase(nn.Module):
             ValueError: ``x`` (or ``mask``) is on another device than the observer's buffers (move the
                 observer with ``.to(device)``, as any module), a ``mask`` of a shape that is not the leading
                 dims of ``x``, or a per-channel observer got a tensor without its channel axis, or a
-                different number of channels than before. Nothing changes on any of these errors.
+                different number of channels than before; bad ``segments`` / ``num_segments``
+                (``core.segments.check_segments``). Nothing changes on any of these errors.
+            NotImplementedError: ``segments`` for a kind that has no segmented observation.
         """
         _check_input(x)
         if x.device != self.seen.device:
@@ -166,6 +210,19 @@ class ObserverBase(nn.Module):
             )
         if mask is not None:
             check_mask(x, mask)
+        if segments is not None or num_segments is not None:
+            _seg.check_segments(self, x, segments, num_segments, mask)
+            if self.num_segments is None:
+                axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+                _seg.make_segmented(self, num_segments, None if axis is None else x.shape[axis])
+            if x.numel():
+                self._observe_segments(x.detach(), segments, mask)
+            return x
+        if self.num_segments is not None:
+            raise ValueError(
+                f"this {type(self).__name__} is segmented ({self.num_segments} segments): pass segments= "
+                f"and num_segments={self.num_segments}, or reset() it first"
+            )
         if x.numel() == 0:
             return x
         # no torch.no_grad() needed (1.5 us a call): x is detached and no buffer requires grad
@@ -181,13 +238,17 @@ class ObserverBase(nn.Module):
         Raises:
             RuntimeError: nothing was observed, or nothing finite was (per channel: in some channel).
         """
+        if self.num_segments is not None:
+            return _seg.segmented_qparams(self)
         self._check_finite_seen()
         lo, hi = self._range()
         return calculate_qparams(lo, hi, self.spec)
 
     def reset(self) -> None:
         """Forget every statistic (a per-channel observer without ``num_channels`` also its channel
-        count); the configuration stays."""
+        count, a segmented one its segments); the configuration stays."""
+        if self.num_segments is not None:
+            _seg.unsegment(self)
         if self.ch_axis is not None and self.num_channels is None:
             self._resize_channels(0)
         self.running_min.fill_(float("inf"))
@@ -208,6 +269,13 @@ class ObserverBase(nn.Module):
             if sized_now:  # a failed first observation does not fix the channel count
                 self._resize_channels(0)
             raise
+
+    def _observe_segments(self, x: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None) -> None:
+        axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+        minmax_segments_update_(
+            x, segments, self.segment_state(), self.averaging_constant, ch_axis=axis, mask=mask,
+            backend=self.backend,
+        )  # fmt: skip
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_min, self.running_max
@@ -302,6 +370,7 @@ class ObserverBase(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._load_segments(state_dict, prefix)
         for name, buf in self._buffers.items():
             key = prefix + name
             if key not in state_dict:
@@ -329,6 +398,23 @@ class ObserverBase(nn.Module):
             if extra in missing:
                 missing.remove(extra)
 
+    def _load_segments(self, state_dict, prefix) -> None:
+        """Match the segmentation of a state about to be loaded (its ``tokens_seen``), blank."""
+        tokens = state_dict.get(prefix + "tokens_seen")
+        if not isinstance(tokens, torch.Tensor):
+            if self.num_segments is not None:
+                _seg.unsegment(self)
+            return
+        if tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise ValueError(f"cannot load {prefix}tokens_seen: it must be an int64 (E,) tensor")
+        saved_min = state_dict.get(prefix + "running_min")
+        channels = None
+        if self.ch_axis is not None and isinstance(saved_min, torch.Tensor) and saved_min.dim() == 2:
+            channels = saved_min.shape[1]
+        if self.num_segments is not None:
+            _seg.unsegment(self)
+        _seg.make_segmented(self, tokens.shape[0], channels)
+
     def check_state(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
         """Check what every observer state holds: ``seen`` counts that batches can give, and a range either
         finite with ``min <= max`` or ``+inf`` / ``-inf`` (nothing finite seen), consistent with ``seen``.
@@ -341,6 +427,9 @@ class ObserverBase(nn.Module):
         """
         b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
         seen = b["seen"]
+        if seen.dim() == 2:
+            _seg.check_segmented_state(self, b)
+            return
         if seen.shape != (Seen.SIZE,):
             raise StateError("seen", f"must have shape ({Seen.SIZE},), got {tuple(seen.shape)}")
         finite, nonfinite, batches, masked = (int(v) for v in seen)

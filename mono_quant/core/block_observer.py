@@ -82,6 +82,7 @@ class PerBlockObserver(ObserverBase):
     """
 
     MERGE_RULES = {**RANGE_RULES, "block_amax": "max"}
+    SEGMENTED = False  # the blocks are positions in one tensor
 
     def __init__(
         self,
