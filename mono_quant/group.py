@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from mono_quant.core.base import ObserverBase, _check_input
+from mono_quant.core.base import ObserverBase, _check_input, check_mask
 from mono_quant.distributed import sync_observers
 from mono_quant.group_ops import minmax_update_many_
 from mono_quant.ops import resolve_backend
@@ -25,7 +25,8 @@ __all__ = ["ObserverGroup", "calibrate_weights"]
 
 def _batched(obs: ObserverBase) -> bool:
     """Whether ``obs``'s update is the plain per-tensor min/max or moving average (``ObserverBase``'s)."""
-    return obs.ch_axis is None and type(obs)._observe is ObserverBase._observe
+    plain = obs.ch_axis is None and obs.num_segments is None
+    return plain and type(obs)._observe is ObserverBase._observe
 
 
 class ObserverGroup:
@@ -94,7 +95,11 @@ class ObserverGroup:
                 )
         return tensors
 
-    def update(self, tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> None:
+    def update(
+        self,
+        tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        masks: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
         """Observe ``tensors[i]`` with observer ``i``, for every ``i``: the state of ``obs(x)`` on each.
 
         Per-tensor min/max and moving-average observers whose backend resolves to the kernels are updated
@@ -102,6 +107,8 @@ class ObserverGroup:
 
         Args:
             tensors: one float tensor per observer (empty ones are skipped, as an observer skips them).
+            masks: ``None``, or one token mask (or ``None``) per tensor, in the group's order: a tensor with
+                a mask is observed as ``obs(x, mask=m)``, one observer at a time.
 
         Raises:
             ValueError: the wrong number (or names) of tensors, a tensor on another device than its
@@ -110,10 +117,20 @@ class ObserverGroup:
                 raises as it would alone, after the observers before it were updated.
         """
         tensors = self._tensors(tensors)
+        masks = [None] * len(tensors) if masks is None else list(masks)
+        if len(masks) != len(tensors):
+            raise ValueError(f"got {len(masks)} masks for a group of {len(self.observers)} observers")
+        for i, (x, m) in enumerate(zip(tensors, masks, strict=True)):
+            if m is not None:
+                try:
+                    check_mask(x, m)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"mask {self._label(i)}: {e}") from None
         fast: dict[torch.device, list[int]] = {}
         rest = []
         for i, (x, obs) in enumerate(zip(tensors, self.observers, strict=True)):
-            if x.numel() and _batched(obs) and resolve_backend(x, obs.backend) == "triton":
+            plain = masks[i] is None and x.numel() and _batched(obs)
+            if plain and resolve_backend(x, obs.backend) == "triton":
                 fast.setdefault(x.device, []).append(i)
             else:
                 rest.append(i)
@@ -125,7 +142,10 @@ class ObserverGroup:
                 backend="triton",
             )
         for i in rest:
-            self.observers[i](tensors[i])
+            if masks[i] is None:
+                self.observers[i](tensors[i])
+            else:
+                self.observers[i](tensors[i], mask=masks[i])
 
     __call__ = update
 

@@ -612,23 +612,3 @@ def block_fake_quantize(
             x, *block, rule.elem.name, rule.scale, scales, tensor_scale, backend
         )
     return _impl(x, backend).block_fake_quantize(x, block, rule, scales, tensor_scale)
-
-
-# --- channel statistics (SmoothQuant / AWQ importance) ---------------------------------------------------
-
-
-def channel_stats_update_(
-    x: torch.Tensor,
-    ch_axis: int,
-    state: RangeState,
-    abs_sum: torch.Tensor,
-    sq_sum: torch.Tensor,
-    count: torch.Tensor,
-    *,
-    backend: str = "auto",
-) -> None:
-    """Per-channel min/max (``minmax_per_channel_update_``: the kernels on CUDA) and the float64 sums of
-    ``|x|`` and ``x**2`` with each channel's count of finite values (``reference.channel_sums_update_``:
-    torch ops on every device, nothing read on the host for CUDA tensors)."""
-    minmax_per_channel_update_(x, ch_axis, state, backend=backend)
-    reference.channel_sums_update_(x, ch_axis, abs_sum, sq_sum, count)

@@ -39,6 +39,7 @@ OBSERVER_COLORS = {
     "moving_average_per_channel": "tab:pink",
     "amax_history": "tab:cyan",
     "per_block": "black",
+    "channel_stats": "tab:gray",
 }
 
 

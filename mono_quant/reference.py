@@ -610,35 +610,3 @@ def block_fake_quantize(
         codes = scales.float()
     out = fake_quantize_blocks(x2d, block, rule, codes, tensor_scale)
     return out.to(x.dtype).reshape(x.shape)
-
-
-# --- channel statistics (SmoothQuant / AWQ importance) ---------------------------------------------------
-
-
-def channel_sums_update_(
-    x: torch.Tensor, ch_axis: int, abs_sum: torch.Tensor, sq_sum: torch.Tensor, count: torch.Tensor
-) -> None:
-    """Add, per channel along ``ch_axis``, the sum of ``|x|`` and of ``x**2`` over the finite values (in
-    float64) and how many finite values there were, in place. Non-finite values are left out.
-
-    The values are those of float32 (a float64 input is converted first, as everywhere here), each squared
-    and summed in float64, ``FILTER_CHUNK`` values at a time (the float64 copy of a piece is 8 MiB).
-
-    Args:
-        x: non-empty float tensor with ``C = x.shape[ch_axis]``.
-        abs_sum, sq_sum: [in,out] float64 ``(C,)``. count: [in,out] int64 ``(C,)``.
-    """
-    v = _float32_values(x).movedim(ch_axis % x.dim(), -1)
-    for piece, cols in _channel_pieces(v):
-        lead = tuple(range(piece.dim() - 1))
-        t = piece.double()
-        finite = torch.isfinite(t)
-        if _may_branch(t) and bool(finite.all()):
-            count[cols] += piece.numel() // max(piece.shape[-1], 1)
-        else:
-            t = torch.where(finite, t, 0.0)
-            count[cols] += finite.sum(lead) if lead else finite.long()
-        a = t.abs()
-        abs_sum[cols] += a.sum(lead) if lead else a
-        a.mul_(a)
-        sq_sum[cols] += a.sum(lead) if lead else a

@@ -212,3 +212,36 @@ def test_sync_across_ranks_is_the_single_process_state(world, tmp_path):
         for name in ("abs_sum", "sq_sum"):
             assert got[name].dtype == torch.float64
             torch.testing.assert_close(got[name], getattr(whole, name), rtol=1e-13, atol=0)
+
+
+# --- token masks -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_batch_gives_the_state_of_the_tokens_alone(dtype):
+    x = _data((3, 7, 10), dtype)  # [batch, seq, hidden], NaN / Inf among the tokens
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:], mask[2, 1:] = False, False
+    padded, alone = mq.ChannelStatsObserver(), mq.ChannelStatsObserver()
+    padded(x, mask=mask)
+    alone(x[mask])  # [tokens, hidden]
+    for name, buf in alone.named_buffers():
+        if name != "seen":
+            assert torch.equal(getattr(padded, name), buf), name
+    assert torch.equal(padded.seen[:3], alone.seen[:3])
+    assert padded.masked_count == int((~mask).sum()) * 10
+    with pytest.raises(ValueError, match="mask"):
+        padded(x, mask=torch.ones(3, 6, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="ChannelStatsObserver does not observe segments"):
+        rows = torch.zeros(21, dtype=torch.long)
+        mq.ChannelStatsObserver()(x.reshape(-1, 10), segments=rows, num_segments=2)
+
+
+def test_mask_over_the_channel_axis_of_a_conv_input():
+    x = _data((2, 3, 5), torch.float32, nonfinite=False)  # (N, C, L), ch_axis=1
+    mask = torch.tensor([True, False])
+    obs = mq.ChannelStatsObserver(ch_axis=1)
+    obs(x, mask=mask)
+    absmax, abs_sum, sq_sum, count = reference_stats([x[:1]], 1)
+    assert torch.equal(obs.count, count) and torch.equal(obs.absmax.double(), absmax)
+    torch.testing.assert_close(obs.sq_sum, sq_sum, rtol=1e-12, atol=0)

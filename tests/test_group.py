@@ -105,6 +105,24 @@ def test_other_observers_are_called_in_turn():
     assert [n for n, _ in group.items()] == ["layer0", "layer1", "layer2", "layer3"]
 
 
+def test_masks_and_segmented_observers_take_the_single_path():
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    grouped = [mq.MinMaxObserver(), mq.HistogramObserver(bins=64), mq.MinMaxObserver()]
+    single = [mq.MinMaxObserver(), mq.HistogramObserver(bins=64), mq.MinMaxObserver()]
+    ObserverGroup(grouped)([x, x, x], masks=[mask, mask, None])
+    for obs, m in zip(single, [mask, mask, None], strict=True):
+        obs(x) if m is None else obs(x, mask=m)
+    _assert_same_state(grouped, single)
+    assert grouped[0].masked_count == 3 * 8
+    segmented = mq.MinMaxObserver()
+    segmented(x.reshape(-1, 8), segments=torch.zeros(10, dtype=torch.long), num_segments=2)
+    with pytest.raises(ValueError, match="segmented"):
+        ObserverGroup([segmented])([x])
+    with pytest.raises(ValueError, match="mask 0: "):
+        ObserverGroup([mq.MinMaxObserver()])([x], masks=[torch.ones(3, dtype=torch.bool)])
+
+
 def test_bad_input_changes_nothing():
     observers = [mq.MinMaxObserver(), mq.MinMaxObserver()]
     group = ObserverGroup(observers)

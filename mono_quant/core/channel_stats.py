@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mono_quant.channel_ops import channel_stats_update_
 from mono_quant.core.base import RANGE_RULES, ObserverBase, StateError
 from mono_quant.core.observers import _check_ch_axis, _check_num_channels
-from mono_quant.ops import channel_stats_update_
 
 __all__ = ["ChannelStatsObserver", "smoothing_factors"]
 
@@ -26,7 +26,9 @@ _SUMS = ("abs_sum", "sq_sum", "count")
 
 class ChannelStatsObserver(ObserverBase):
     """Per channel along ``ch_axis``: min / max (so ``absmax``), ``mean_abs`` and ``mean_square`` of the
-    finite values seen. NaN / +-Inf are left out of every statistic and counted (``nonfinite_count``).
+    finite values seen. NaN / +-Inf are left out of every statistic and counted (``nonfinite_count``);
+    ``obs(x, mask=m)`` leaves out the values under ``False`` of a token mask (``masked_count``), as every
+    observer does. Segmented observation (``segments=``) is refused (``NotImplementedError``).
 
     Buffers, besides ``running_min`` / ``running_max`` (float32 ``(C,)``) and ``seen``:
         abs_sum, sq_sum: float64 ``(C,)``, the sums of ``|x|`` and ``x**2`` over each channel's finite values.
@@ -44,6 +46,7 @@ class ChannelStatsObserver(ObserverBase):
 
     # _version 2: as ObserverBase (the class and settings travel in _extra_state).
     MERGE_RULES = {**RANGE_RULES, "abs_sum": "sum", "sq_sum": "sum", "count": "sum"}
+    SEGMENTED = False  # segments= (MoE experts) is refused: not implemented for the sums yet
 
     def __init__(self, ch_axis: int = -1, num_channels: int | None = None, **kwargs):
         self.ch_axis = _check_ch_axis(ch_axis)
@@ -74,11 +77,12 @@ class ChannelStatsObserver(ObserverBase):
         return self.sq_sum / self.count if self._observed() else None
 
     # --- the update --------------------------------------------------------------------------------------
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         axis, sized_now = self._channel_axis(x)
         try:
+            state = self.range_state()
             channel_stats_update_(
-                x, axis, self.range_state(), self.abs_sum, self.sq_sum, self.count, backend=self.backend
+                x, axis, state, self.abs_sum, self.sq_sum, self.count, mask=mask, backend=self.backend
             )
         except BaseException:
             if sized_now:  # a failed first observation does not fix the channel count
