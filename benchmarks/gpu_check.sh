@@ -17,8 +17,11 @@
 #   4. llm (T_LLM): the same at 1e8 on LLM-like activations (concentrated histograms):
 #      $OUT/gpu_bench-llm.json;
 #   5. summary: issue 11's rows, printed last and written to $OUT/gpu_check.md.
-# Optional steps (STEPS="... suite probes"): the pytest-benchmark suite (T_SUITE; $OUT/suite.{json,md}) and
-# the probes of gpu_bench.py (programs per SM, torch.histc alone, the launcher alone) at 1e8 and 1e9.
+# Optional steps (STEPS="... suite probes calib"): the pytest-benchmark suite (T_SUITE; $OUT/suite.{json,md}),
+# the probes of gpu_bench.py (programs per SM, torch.histc alone, the launcher alone) at 1e8 and 1e9, and
+# calib: llm_calibration.py --h200 (T_CALIB; $OUT/llm_calibration.json; a Llama-like model of 8 layers,
+# hidden 4096, 4 x 2048 tokens, bf16, without transformers if it is absent) and group_calls.py (T_GROUP;
+# into the log).
 # Everything else each step prints goes to $OUT/gpu_check.log. At most 8 files land in $OUT (the device
 # tool brings back 8). STEPS picks the steps of a rerun (default "gate tests bench llm summary"); a step
 # cut at its limit is reported and the next one still runs. BENCH_ARGS adds gpu_bench.py options.
@@ -32,7 +35,8 @@ mkdir -p "$OUT"
 SMOKE="${SMOKE:-0}"
 x=1 && [ "$SMOKE" = 1 ] && x=10  # the interpreter on 2 CPU cores: the H200's limits times ten
 T_GATE="${T_GATE:-$((90 * x))}" T_TESTS="${T_TESTS:-$((150 * x))}" T_BENCH="${T_BENCH:-$((150 * x))}"
-T_LLM="${T_LLM:-$((60 * x))}" T_SUITE="${T_SUITE:-$((200 * x))}"
+T_LLM="${T_LLM:-$((60 * x))}" T_SUITE="${T_SUITE:-$((200 * x))}" T_CALIB="${T_CALIB:-$((240 * x))}"
+T_GROUP="${T_GROUP:-$((60 * x))}"
 STEPS="${STEPS:-gate tests bench llm summary}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 WHEELS="${WHEELS:-.whl}"
@@ -112,6 +116,16 @@ fi
 if has llm; then
     step llm "$T_LLM" python3 benchmarks/gpu_bench.py "${SM[@]}" --data llm --sizes "$LLM_SIZES" --no-probes \
         --out "$OUT"
+fi
+if has calib; then  # optional: benchmarks/llm_calibration.py (its --h200 profile) and group_calls.py
+    if [ "$SMOKE" = 1 ]; then
+        CALIB=(--device cpu --dtype float32 --layers 1 --hidden 64 --tokens 16 --batches 2 --vocab 128 --rounds 1
+               --no-modelopt) GROUP=(--device cpu --min-seconds 0.05 --layers 1 --hidden 64)
+    else
+        CALIB=(--h200) GROUP=(--device cuda)
+    fi
+    step calib "$T_CALIB" python3 benchmarks/llm_calibration.py "${CALIB[@]}" --json "$OUT/llm_calibration.json"
+    step group "$T_GROUP" python3 benchmarks/group_calls.py "${GROUP[@]}"
 fi
 if has probes; then  # into gpu_check.log only (no JSON: the 8 files are taken)
     step probes "$T_BENCH" python3 benchmarks/gpu_bench.py "${SM[@]}" --sizes "$SIZES" --probes-only \
