@@ -373,3 +373,13 @@ def test_the_sync_free_twin_equals_the_per_segment_path(ch_axis, c, monkeypatch)
         assert torch.equal(a, b)
     reference_segments.minmax_segments_update_(batches[0][0], torch.full((15,), 9), free, c, ch_axis=ch_axis)
     assert int(free.invalid) == 15 and torch.equal(free.seen, cpu.seen)
+
+
+def test_a_segmented_histogram_gives_edges_per_segment():
+    obs = create_observer("histogram", bins=8)
+    x = torch.tensor([[0.5], [3.0], [-2.0], [1.0]])
+    obs(x, segments=torch.tensor([0, 1, 1, 0]), num_segments=2)
+    with pytest.raises(ValueError, match="segment"):
+        _ = obs.bin_edges
+    edges = obs.segment(1).bin_edges
+    assert float(edges[0]) <= -2.0 and float(edges[-1]) > 3.0
