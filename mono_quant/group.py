@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from mono_quant.core.base import ObserverBase, _check_input, check_mask
+from mono_quant.core.base import ObserverBase
+from mono_quant.core.checks import check_input, check_mask
 from mono_quant.distributed import sync_observers
 from mono_quant.group_ops import minmax_update_many_
 from mono_quant.ops import resolve_backend
@@ -85,7 +86,7 @@ class ObserverGroup:
             raise ValueError(f"got {len(tensors)} tensors for a group of {len(self.observers)} observers")
         for i, (x, obs) in enumerate(zip(tensors, self.observers, strict=True)):
             try:
-                _check_input(x)
+                check_input(x)
             except TypeError as e:
                 raise TypeError(f"tensor {self._label(i)}: {e}") from None
             if x.device != obs.seen.device:
