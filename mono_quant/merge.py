@@ -316,10 +316,29 @@ def _histogram_ranges(entries: Entries, merged: dict) -> dict[int, tuple[torch.T
     }
 
 
-def _pack_sums(src: Entries, ranges: dict, device) -> tuple[torch.Tensor, dict]:
-    """int64: every "sum" buffer, then every histogram's counts moved onto the grid of its merged range
-    (reduced by SUM); and that grid ``(exponent, origin)`` per histogram."""
-    parts = [obs._buffers[b].to(device) for _, obs in src for b in _buffers(obs, "sum")]
+def _sum_part(obs: ObserverBase, b: str, c: int, device) -> torch.Tensor:
+    """Buffer ``b`` (a "sum") flattened on ``device``; an empty per-channel one (no data, no
+    ``num_channels``) as zeros of the merged channel count ``c``."""
+    t = obs._buffers[b]
+    if t.numel() == 0 and obs.ch_axis is not None:
+        return torch.zeros(c, dtype=t.dtype, device=device)
+    return t.reshape(-1).to(device)
+
+
+def _sum_size(obs: ObserverBase, b: str, c: int) -> int:
+    t = obs._buffers[b]
+    return c if t.numel() == 0 and obs.ch_axis is not None else t.numel()
+
+
+def _pack_sums(src: Entries, channels: list[int], ranges: dict, device) -> tuple[torch.Tensor, dict]:
+    """int64: every integer "sum" buffer, then every histogram's counts moved onto the grid of its merged
+    range (reduced by SUM); and that grid ``(exponent, origin)`` per histogram."""
+    parts = [
+        _sum_part(obs, b, c, device)
+        for (_, obs), c in zip(src, channels, strict=True)
+        for b in _buffers(obs, "sum")
+        if not obs._buffers[b].is_floating_point()
+    ]
     grids = {}
     for i, (mn, mx) in ranges.items():
         obs = src[i][1]
@@ -329,6 +348,18 @@ def _pack_sums(src: Entries, ranges: dict, device) -> tuple[torch.Tensor, dict]:
         parts.append(moved)
         grids[i] = (e, o)
     return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=device)), grids
+
+
+def _pack_float_sums(src: Entries, channels: list[int], device) -> torch.Tensor:
+    """float64: every floating "sum" buffer (channel statistics), apart from the int64 ones so that
+    counts never pass through a float."""
+    parts = [
+        _sum_part(obs, b, c, device).to(torch.float64)
+        for (_, obs), c in zip(src, channels, strict=True)
+        for b in _buffers(obs, "sum")
+        if obs._buffers[b].is_floating_point()
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=device)
 
 
 def _pack_ema(src: Entries, channels: list[int], device) -> torch.Tensor:
@@ -384,19 +415,26 @@ def merge(sources: list[Entries], targets: Entries, reduce: Reduce, gather: Gath
     if minmax_bufs[0].numel() > 0:  # the same on every source: the layouts agree
         merged = _unpack_minmax(targets, channels, shapes, reduce("min", minmax_bufs))
     ranges = _histogram_ranges(targets, merged)
-    packed = [_pack_sums(src, ranges, device) for src in sources]
+    packed = [_pack_sums(src, channels, ranges, device) for src in sources]
     sums, grids = reduce("sum", [p[0] for p in packed]), packed[0][1]
+    float_bufs = [_pack_float_sums(src, channels, device) for src in sources]
+    float_sums = reduce("sum", float_bufs) if float_bufs[0].numel() > 0 else None
     ema_bufs = [_pack_ema(src, channels, device) for src in sources]
     if ema_bufs[0].numel() > 0:
         merged.update(_unpack_ema(targets, channels, reduce("sum", ema_bufs)))
 
     # every buffer is reduced: now write (the sources' states were all read before this point)
-    offset = 0
-    for _, obs in targets:
+    offset = float_offset = 0
+    for (_, obs), c in zip(targets, channels, strict=True):
         for b in _buffers(obs, "sum"):
-            n = obs._buffers[b].numel()
-            _set(obs, b, sums[offset : offset + n].reshape(obs._buffers[b].shape))
-            offset += n
+            n, buf = _sum_size(obs, b, c), obs._buffers[b]
+            shape = buf.shape if buf.numel() == n else _shape(obs, c)
+            if buf.is_floating_point():
+                _set(obs, b, float_sums[float_offset : float_offset + n].reshape(shape).to(buf.dtype))
+                float_offset += n
+            else:
+                _set(obs, b, sums[offset : offset + n].reshape(shape))
+                offset += n
     for i, (e, o) in grids.items():
         obs = targets[i][1]
         n = obs.counts.shape[0]

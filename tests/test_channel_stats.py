@@ -191,17 +191,21 @@ def _rank_shares(world: int) -> list[list[torch.Tensor]]:
     return {2: [batches[:1], batches[1:]], 3: [batches[1:3], [batches[0], batches[3]], []]}[world]
 
 
-def _sync_rank(rank: int, world: int) -> dict:
-    obs = mq.ChannelStatsObserver(num_channels=6)  # sized: the rank without data can merge too
+def _sync_rank(rank: int, world: int, sized: bool = True) -> dict:
+    obs = mq.ChannelStatsObserver(num_channels=6 if sized else None)
     for b in _rank_shares(world)[rank]:
         obs(b)
     mq.sync_observers({"x": obs})
-    return {k: v.clone() for k, v in obs.state_dict().items()}
+    return {k: v.clone() for k, v in obs.state_dict().items() if k != "_extra_state"}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sync_across_ranks_is_the_single_process_state(world, tmp_path):
-    ranks = run_ranks(world, _sync_rank, tmp_path, __name__)
+def _sync_rank_unsized(rank: int, world: int) -> dict:
+    return _sync_rank(rank, world, sized=False)  # the rank without data holds (0,) buffers
+
+
+@pytest.mark.parametrize("world, sized", [(2, True), (3, True), (3, False)])
+def test_sync_across_ranks_is_the_single_process_state(world, sized, tmp_path):
+    ranks = run_ranks(world, _sync_rank if sized else _sync_rank_unsized, tmp_path, __name__)
     whole = mq.ChannelStatsObserver(num_channels=6)
     for share in _rank_shares(world):
         for b in share:
@@ -212,6 +216,16 @@ def test_sync_across_ranks_is_the_single_process_state(world, tmp_path):
         for name in ("abs_sum", "sq_sum"):
             assert got[name].dtype == torch.float64
             torch.testing.assert_close(got[name], getattr(whole, name), rtol=1e-13, atol=0)
+
+
+def test_an_empty_unsized_observer_merges_offline():
+    a, empty = mq.ChannelStatsObserver(), mq.ChannelStatsObserver()
+    a(_data((5, 6), torch.float32))
+    want = {k: v.clone() for k, v in a.state_dict().items() if k != "_extra_state"}
+    merged = mq.merge_observers([empty, a])
+    for name, value in want.items():
+        assert torch.equal(merged.state_dict()[name], value), name
+    assert merged.abs_sum.dtype == torch.float64 and merged.count.dtype == torch.int64
 
 
 # --- token masks -------------------------------------------------------------------------------------------

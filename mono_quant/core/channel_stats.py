@@ -39,8 +39,9 @@ class ChannelStatsObserver(ObserverBase):
 
     Args:
         ch_axis: the channel dimension (default -1: ``[..., hidden]`` activations of a Linear).
-        num_channels: the channel count, if known: sized at construction (also what a rank that may see no
-            data needs to merge with the others). ``None``: the first batch sizes the buffers.
+        num_channels: the channel count, if known: sized at construction (``torch.compile(fullgraph=True)``
+            of a fresh observer needs it). ``None``: the first batch sizes the buffers; an observer that saw
+            no data still merges (offline or across ranks) with ones that did.
         dtype, qscheme, reduce_range, eps, backend, margin: as for ``MinMaxObserver``.
     """
 
