@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.reference import (
+from mono_quant.reference_histogram import histogram_update_
+from mono_quant.reference_range import (
     _float32_values,
     _may_branch,
     _update_range_,
-    histogram_update_,
     minmax_per_channel_update_,
     minmax_update_,
 )

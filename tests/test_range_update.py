@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from mono_quant import ops, reference, timing
+from mono_quant import (
+    ops,
+    reference,
+    reference_blocks,
+    reference_histogram,
+    reference_range,
+    reference_training,
+    timing,
+)
 from mono_quant.state import RangeState
 
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
@@ -46,7 +54,9 @@ def backend(request, monkeypatch):
     """Each implementation: the torch path as on CPU (branching on values, numpy scalars) and as on CUDA
     (no host read), and the kernels under the interpreter."""
     if request.param == "torch-as-on-cuda":
-        monkeypatch.setattr(reference, "_may_branch", lambda x: False)
+        # every home of the twins' CPU branch test (``reference`` re-exports the twins, not their helpers)
+        for home in (reference_range, reference_histogram, reference_training, reference_blocks):
+            monkeypatch.setattr(home, "_may_branch", lambda x: False)
     return request.param.split("-")[0]
 
 
@@ -138,7 +148,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape, axis", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_channel_filtering_in_pieces(shape, axis, dtype, monkeypatch):
-    monkeypatch.setattr(reference, "FILTER_CHUNK", 50)  # many pieces, of every kind
+    monkeypatch.setattr(reference_range, "FILTER_CHUNK", 50)  # many pieces, of every kind
     x = torch.randn(shape)
     x.view(-1)[::13] = float("nan")
     x.view(-1)[5::29] = float("inf")
@@ -164,7 +174,7 @@ def test_per_channel_nonfinite_input_is_not_copied(dtype, shape, axis, piece, mo
     # one NaN: the filtering used to hold a filtered copy and masks of the whole input (2.5x the input
     # for fp32, 5x for bf16); in pieces it stays near 13 bytes a value of a piece whatever the size
     if piece:
-        monkeypatch.setattr(reference, "FILTER_CHUNK", piece)  # smaller inputs, the same bound
+        monkeypatch.setattr(reference_range, "FILTER_CHUNK", piece)  # smaller inputs, the same bound
     x = torch.randn(shape).to(dtype)
     x.view(-1)[x.numel() // 3] = float("nan")
     assert x.nbytes == (64 << 20 if piece is None else 16 << 20)
