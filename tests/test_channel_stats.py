@@ -8,7 +8,7 @@ from torch import nn
 
 import mono_quant as mq
 from mono_quant.core.base import StateError
-from mono_quant.reference import FILTER_CHUNK
+from mono_quant.rows import FILTER_CHUNK
 
 
 def reference_stats(batches, ch_axis):
