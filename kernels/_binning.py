@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import accumulate_partials, load_finite, store_partials
+from ._common import accumulate_partials, load_finite, load_kept, store_partials
 from ._grid import bin_f32, inv_width
 from ._smem import counters_add, counters_declare, counters_flush, counters_read, counters_zero
 
@@ -34,12 +34,17 @@ __all__ = []  # kernels for histogram.py only
 
 
 @triton.jit
-def _load_tile(x_ptr, t, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    """Tile ``t`` of ``x`` as float32, which lanes are finite and which are in ``x``. ``MASKED``: the ragged
-    last tile (or any tile); otherwise the tile is full and loads unmasked, so the loads vectorize."""
+def _load_tile(
+    x_ptr, t, n, keep_ptr, keep_div, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_MASK: tl.constexpr
+):
+    """Tile ``t`` of ``x`` as float32, which lanes are finite and which count (in ``x`` and, ``HAS_MASK``,
+    under a True entry ``keep[i // keep_div]`` of the token mask). ``MASKED``: the ragged last tile (or any
+    tile); otherwise the tile is full and loads unmasked (but for the token mask), so the loads vectorize."""
     offs = (t + tl.zeros([], tl.int64)) * BLOCK + tl.arange(0, BLOCK)
     if MASKED:
-        mask = offs < n
+        x, finite, mask = load_kept(x_ptr, offs, offs < n, keep_ptr, offs // keep_div, HAS_MASK)
+    elif HAS_MASK:
+        mask = tl.load(keep_ptr + offs // keep_div) != 0
         x, finite = load_finite(x_ptr, offs, mask)
     else:
         mask = tl.full([BLOCK], 1, tl.int1)
@@ -63,8 +68,8 @@ def _count(base, local, out_ptr, slot, NBS: tl.constexpr, NBP: tl.constexpr, COU
 @triton.jit
 def _pass_tile(
     x_ptr, t, n, inv_w, origin_f, num_bins_f, base, local, out_ptr, side_ptr, mn, mx, bad, side_n, par,
-    snap0, snap1, BLOCK: tl.constexpr, NBS: tl.constexpr, NBP: tl.constexpr, SIDE: tl.constexpr,
-    COUNTERS: tl.constexpr, MASKED: tl.constexpr,
+    snap0, snap1, keep_ptr, keep_div, BLOCK: tl.constexpr, NBS: tl.constexpr, NBP: tl.constexpr,
+    SIDE: tl.constexpr, COUNTERS: tl.constexpr, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """One tile of ``_pass_kernel``: min/max partials, counting, and the tile noted if it held values off
     the grid.
@@ -74,7 +79,7 @@ def _pass_tile(
     and with two slots alternating per tile the next tile can count while a slow warp still reads this
     one's, so one barrier per tile suffices. Otherwise (``tl.histogram``, ``"global"``) it is a sum.
     """
-    x, finite, mask = _load_tile(x_ptr, t, n, BLOCK, MASKED)
+    x, finite, mask = _load_tile(x_ptr, t, n, keep_ptr, keep_div, BLOCK, MASKED, HAS_MASK)
     mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     d, inside = bin_f32(x, finite, inv_w, origin_f, num_bins_f)
     off = finite & ~inside
@@ -107,9 +112,11 @@ def _pass_kernel(
     out_ptr,
     exp_ptr,
     org_ptr,
+    keep_ptr,
     n,
     num_full,
     num_bins,
+    keep_div,
     BLOCK: tl.constexpr,
     NBS: tl.constexpr,
     NBP: tl.constexpr,
@@ -117,6 +124,7 @@ def _pass_kernel(
     COUNTERS: tl.constexpr,
     ROWS: tl.constexpr,
     DECL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Min/max partials of ``x`` and its counts against the grid in device memory, in one read.
 
@@ -125,6 +133,8 @@ def _pass_kernel(
     values off the grid; side_n: [out] int32 ``(P,)``, how many tiles did (may pass ``SIDE``).
     cnt: int32 ``(P, NBS)``, the ``"scratch"`` counters. out: [in, out] ``ROWS``: int32 ``(P, NBS)``, each
     program's row written; otherwise int64 ``(num_bins,)``, added to. exp, org: [in] int64 ``()``, the grid.
+    keep: [in] uint8, the token mask (``HAS_MASK``): value ``i`` counts where ``keep[i // keep_div]``; the
+    others go to the dump slot and are not counted as non-finite.
     ``NBS >= num_bins + 3`` counters per program (``NBP``: a power of two >= ``NBS``, for
     ``"tl_histogram"``); ``COUNTERS``: ``"ptx"``, ``"scratch"``, ``"tl_histogram"`` or ``"global"``;
     ``DECL``: the PTX that declares the ``"ptx"`` counters.
@@ -149,12 +159,12 @@ def _pass_kernel(
     for t in range(pid, num_full, nprog):
         mn, mx, bad, local, side_n, par, snap0, snap1 = _pass_tile(
             x_ptr, t, n, inv_w, origin_f, num_bins_f, base, local, out_ptr, side_ptr, mn, mx, bad, side_n,
-            par, snap0, snap1, BLOCK, NBS, NBP, SIDE, COUNTERS, False,
+            par, snap0, snap1, keep_ptr, keep_div, BLOCK, NBS, NBP, SIDE, COUNTERS, False, HAS_MASK,
         )  # fmt: skip
     if (num_full % nprog == pid) & ((num_full + tl.zeros([], tl.int64)) * BLOCK < n):
         mn, mx, bad, local, side_n, par, snap0, snap1 = _pass_tile(
             x_ptr, num_full, n, inv_w, origin_f, num_bins_f, base, local, out_ptr, side_ptr, mn, mx, bad,
-            side_n, par, snap0, snap1, BLOCK, NBS, NBP, SIDE, COUNTERS, True,
+            side_n, par, snap0, snap1, keep_ptr, keep_div, BLOCK, NBS, NBP, SIDE, COUNTERS, True, HAS_MASK,
         )  # fmt: skip
     store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
     tl.store(side_n_ptr + pid, side_n)
@@ -166,11 +176,12 @@ def _pass_kernel(
 
 @triton.jit
 def _offgrid_tile(
-    x_ptr, t, n, inv_old, origin_old_f, inv_w, origin_f, num_bins_f, base, local, out_ptr,
-    BLOCK: tl.constexpr, NBS: tl.constexpr, NBP: tl.constexpr, COUNTERS: tl.constexpr, MASKED: tl.constexpr,
+    x_ptr, t, n, inv_old, origin_old_f, inv_w, origin_f, num_bins_f, base, local, out_ptr, keep_ptr,
+    keep_div, BLOCK: tl.constexpr, NBS: tl.constexpr, NBP: tl.constexpr, COUNTERS: tl.constexpr,
+    MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """Count on the new grid the values of tile ``t`` that were off the old one (the rest: the dump slot)."""
-    x, finite, mask = _load_tile(x_ptr, t, n, BLOCK, MASKED)
+    x, finite, mask = _load_tile(x_ptr, t, n, keep_ptr, keep_div, BLOCK, MASKED, HAS_MASK)
     _, on_old = bin_f32(x, finite, inv_old, origin_old_f, num_bins_f)
     d, inside = bin_f32(x, finite & ~on_old, inv_w, origin_f, num_bins_f)
     return _count(base, local, out_ptr, tl.where(inside, d, NBS - 1.0).to(tl.int32), NBS, NBP, COUNTERS)
@@ -186,9 +197,11 @@ def _offgrid_kernel(
     exp_ptr,
     org_ptr,
     old_grid_ptr,
+    keep_ptr,
     n,
     num_full,
     num_bins,
+    keep_div,
     BLOCK: tl.constexpr,
     NBS: tl.constexpr,
     NBP: tl.constexpr,
@@ -196,6 +209,7 @@ def _offgrid_kernel(
     COUNTERS: tl.constexpr,
     ROWS: tl.constexpr,
     DECL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Count on the new grid what ``_pass_kernel`` met off the old one. Same grid ``(P,)``, same tiles.
 
@@ -222,18 +236,18 @@ def _offgrid_kernel(
             for i in range(0, met):
                 local = _offgrid_tile(
                     x_ptr, tl.load(side_ptr + i), n, inv_old, origin_old_f, inv_w, origin_f, num_bins_f,
-                    base, local, out_ptr, BLOCK, NBS, NBP, COUNTERS, True,
+                    base, local, out_ptr, keep_ptr, keep_div, BLOCK, NBS, NBP, COUNTERS, True, HAS_MASK,
                 )  # fmt: skip
         else:
             for t in range(pid, num_full, nprog):
                 local = _offgrid_tile(
                     x_ptr, t, n, inv_old, origin_old_f, inv_w, origin_f, num_bins_f, base, local, out_ptr,
-                    BLOCK, NBS, NBP, COUNTERS, False,
+                    keep_ptr, keep_div, BLOCK, NBS, NBP, COUNTERS, False, HAS_MASK,
                 )  # fmt: skip
             if (num_full % nprog == pid) & ((num_full + tl.zeros([], tl.int64)) * BLOCK < n):
                 local = _offgrid_tile(
                     x_ptr, num_full, n, inv_old, origin_old_f, inv_w, origin_f, num_bins_f, base, local,
-                    out_ptr, BLOCK, NBS, NBP, COUNTERS, True,
+                    out_ptr, keep_ptr, keep_div, BLOCK, NBS, NBP, COUNTERS, True, HAS_MASK,
                 )  # fmt: skip
         if COUNTERS != "global":
             if ROWS:

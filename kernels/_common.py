@@ -79,6 +79,25 @@ def launch_options(num_warps: int) -> dict:
     return {"num_warps": num_warps, "enable_fp_fusion": False}
 
 
+def prepare_mask(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int, int, bool]:
+    """The kernels' view of a token mask: ``(keep, num_keep, keep_div, has_mask)``: a contiguous uint8
+    ``(M,)`` view (``x`` itself, unread, without a mask), its length and the values each entry covers.
+
+    Raises:
+        ValueError: ``mask`` is not a bool tensor of the leading dims of ``x``.
+    """
+    if mask is None:
+        return x, 1, 1, False
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[: mask.dim()]):
+        raise ValueError(
+            f"mask must be a bool tensor of the leading dims of x {tuple(x.shape)}, got {mask.dtype} "
+            f"{tuple(mask.shape)}"
+        )
+    keep = mask.reshape(-1)
+    keep = (keep if keep.is_contiguous() else keep.contiguous()).view(torch.uint8)
+    return keep, keep.numel(), x.numel() // max(keep.numel(), 1), True
+
+
 def prepare_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous float tensor the kernels can read.
 
@@ -102,6 +121,36 @@ def load_finite(x_ptr, offs, mask):
     """
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return x, mask & (tl.abs(x) <= 3.4028234663852886e38)
+
+
+@triton.jit
+def load_kept(x_ptr, offs, mask, keep_ptr, keep_idx, HAS_MASK: tl.constexpr):
+    """``load_finite`` of the lanes in ``x`` (``mask``) whose token-mask entry ``keep[keep_idx]`` is True
+    (``HAS_MASK``; otherwise every lane of ``mask``): ``(x, finite, kept)``, ``kept`` the lanes that count.
+
+    keep: uint8 ``(M,)``, the token mask (one entry per ``n // M`` values). Masked lanes load nothing.
+    """
+    if HAS_MASK:
+        mask = mask & (tl.load(keep_ptr + keep_idx, mask=mask, other=0) != 0)
+    x, finite = load_finite(x_ptr, offs, mask)
+    return x, finite, mask
+
+
+@triton.jit
+def count_masked(keep_ptr, num_keep, keep_div, HAS_MASK: tl.constexpr):
+    """The values a token mask leaves out: ``(number of False entries) * keep_div`` (int64 ``()``; 0 without
+    ``HAS_MASK``). keep: [in] uint8 ``(num_keep,)``. One program reads the whole mask (a mask covers the
+    leading dims of ``x``: ``num_keep`` is the token count, not the value count, but for an elementwise
+    mask)."""
+    total = tl.zeros([], tl.int64)
+    if HAS_MASK:
+        acc = tl.zeros([1024], tl.int32)
+        lane = tl.arange(0, 1024)
+        for s in range(0, num_keep, 1024):
+            o = (s + tl.zeros([], tl.int64)) + lane
+            acc += (tl.load(keep_ptr + o, mask=o < num_keep, other=1) == 0).to(tl.int32)
+        total = tl.sum(acc.to(tl.int64), 0) * keep_div
+    return total
 
 
 @triton.jit
@@ -141,24 +190,33 @@ def reduce_partials_and_count(
     num_partials,
     seen_ptr,
     n,
+    masked,
     BLOCK_P: tl.constexpr,
     CACHE: tl.constexpr = DEFAULT_CACHE,
 ):
     """The batch's finite min and max from the per-program partials.
 
-    Also adds the batch to ``seen`` (int64 ``(3,)``: finite values, non-finite values, batches). ``CACHE``:
-    the partials' load cache modifier (``".cg"``, through L2, where other programs of the same launch
-    wrote them).
+    Also adds the batch to ``seen`` (int64 ``(4,)``: finite values, non-finite values, batches, masked
+    values), ``masked`` of its ``n`` values left out by a token mask (``count_masked``; the batch counts if
+    any is kept). ``CACHE``: the partials' load cache modifier (``".cg"``, through L2, where other programs
+    of the same launch wrote them).
     """
     offs = tl.arange(0, BLOCK_P)
     m = offs < num_partials
     mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf"), cache_modifier=CACHE), 0)
     mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf"), cache_modifier=CACHE), 0)
     bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0, cache_modifier=CACHE), 0)
-    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
-    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
-    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
+    add_seen(seen_ptr, n, bad, masked)
     return mn, mx
+
+
+@triton.jit
+def add_seen(seen_ptr, n, bad, masked):
+    """``seen += [n - masked - bad, bad, masked < n, masked]`` (one program; ``Seen``'s slots)."""
+    tl.store(seen_ptr, tl.load(seen_ptr) + n - masked - bad)
+    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
+    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + (masked < n).to(tl.int64))
+    tl.store(seen_ptr + 3, tl.load(seen_ptr + 3) + masked)
 
 
 @triton.jit
@@ -174,16 +232,21 @@ def finalize_channels(
     seen_ptr,
     n,
     c,
+    keep_ptr,
+    num_keep,
+    keep_div,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     EMA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     CACHE: tl.constexpr = DEFAULT_CACHE,
 ):
     """Reduce channel block ``cb``'s ``(S, C)`` partials over the ``S`` splits and update its channels.
 
     Reads ``[BLOCK_S, BLOCK_C]`` tiles of partials (a split at a time was one dependent round trip to
     memory per split) and adds the block's non-finite count to ``seen`` with integer atomics (order-free,
-    so exact); block 0 also adds ``n`` and the batch. ``CACHE`` as in ``reduce_partials_and_count``.
+    so exact); block 0 also adds ``n``, the batch and, ``HAS_MASK``, the masked values (``count_masked`` of
+    the token mask ``keep``). ``CACHE`` as in ``reduce_partials_and_count``.
     """
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -203,8 +266,11 @@ def finalize_channels(
     tl.atomic_add(seen_ptr, -block_bad)
     tl.atomic_add(seen_ptr + 1, block_bad)
     if cb == 0:
-        tl.atomic_add(seen_ptr, tl.zeros([], tl.int64) + n)
-        tl.atomic_add(seen_ptr + 2, tl.full([], 1, tl.int64))
+        masked = count_masked(keep_ptr, num_keep, keep_div, HAS_MASK)
+        tl.atomic_add(seen_ptr, tl.zeros([], tl.int64) + n - masked)
+        tl.atomic_add(seen_ptr + 2, (masked < n).to(tl.int64))
+        if HAS_MASK:
+            tl.atomic_add(seen_ptr + 3, masked)
 
 
 @triton.jit

@@ -23,10 +23,13 @@ import triton.language as tl
 
 from ._common import (
     accumulate_partials,
+    add_seen,
+    count_masked,
     launch_options,
-    load_finite,
+    load_kept,
     max_programs,
     prepare_input,
+    prepare_mask,
     store_partials,
 )
 
@@ -62,6 +65,7 @@ def history_finalize(
     scale_ptr,
     dscale_ptr,
     n,
+    masked,
     hist_len,
     mult,
     div,
@@ -73,18 +77,27 @@ def history_finalize(
     """The last program's work (see the module docstring), also used by the fused fake-quantize kernel.
 
     pmin, pmax: float32 ``(P,)``; pbad: int64 ``(P,)``. rmin, rmax, scale, dscale: float32 ``()``; seen:
-    int64 ``(3,)``; hist: float32 ``(hist_len,)``.
+    int64 ``(4,)``; hist: float32 ``(hist_len,)``. ``masked``: how many of the ``n`` values a token mask
+    left out; a batch with every value masked is no step (only ``seen`` counts them).
     """
     offs = tl.arange(0, BLOCK_P)
     m = offs < num_partials
     mn = tl.min(tl.load(pmin_ptr + offs, mask=m, other=float("inf"), cache_modifier=".cg"), 0)
     mx = tl.max(tl.load(pmax_ptr + offs, mask=m, other=float("-inf"), cache_modifier=".cg"), 0)
     bad = tl.sum(tl.load(pbad_ptr + offs, mask=m, other=0, cache_modifier=".cg"), 0)
-    tl.store(seen_ptr, tl.load(seen_ptr) + n - bad)
-    tl.store(seen_ptr + 1, tl.load(seen_ptr + 1) + bad)
-    tl.store(seen_ptr + 2, tl.load(seen_ptr + 2) + 1)
+    add_seen(seen_ptr, n, bad, masked)
     tl.store(rmin_ptr, tl.minimum(tl.load(rmin_ptr), mn))
     tl.store(rmax_ptr, tl.maximum(tl.load(rmax_ptr), mx))
+    if masked < n:
+        _history_step(hist_ptr, scale_ptr, dscale_ptr, mn, mx, hist_len, mult, div, eps, BLOCK_H, ALGO)
+
+
+@triton.jit
+def _history_step(
+    hist_ptr, scale_ptr, dscale_ptr, mn, mx, hist_len, mult, div, eps,
+    BLOCK_H: tl.constexpr, ALGO: tl.constexpr,
+):  # fmt: skip
+    """Roll the history, push the batch's amax (from its finite range ``(mn, mx)``), update the scales."""
     # the batch's amax; 0 when nothing was finite (mn = +inf, mx = -inf); + 0.0 makes a -0.0 (all zeros) +0.0
     a = tl.maximum(tl.maximum(-mn, mx), 0.0) + 0.0
     # roll by one, from the last chunk to the first: chunk c writes slots [c*B + 1, c*B + B], whose last
@@ -127,15 +140,21 @@ def _amax_history_kernel(
     mult,
     div,
     eps,
+    keep_ptr,
+    num_keep,
+    keep_div,
     BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr,
     ALGO: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """One step of the amax history (module docstring). Grid: ``(P,)`` persistent programs.
 
     x: ``(n,)`` contiguous. pmin, pmax: float32 ``(P,)``, pbad: int64 ``(P,)`` (scratch, written before
     read). ticket: int32 ``(1,)``, 0 on entry and on exit. The state pointers as in ``history_finalize``.
+    keep: [in] uint8 ``(num_keep,)``, the token mask (``HAS_MASK``): value ``i`` counts where
+    ``keep[i // keep_div]``; the last program counts the masked values.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -145,8 +164,7 @@ def _amax_history_kernel(
     bad = tl.zeros([BLOCK], tl.int32)
     for t in range(pid, num_tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
-        mask = offs < n
-        x, finite = load_finite(x_ptr, offs, mask)
+        x, finite, mask = load_kept(x_ptr, offs, offs < n, keep_ptr, offs // keep_div, HAS_MASK)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
     tl.debug_barrier()  # every thread's stores before the ticket (which releases them at GPU scope)
@@ -154,7 +172,8 @@ def _amax_history_kernel(
     if ticket == nprog - 1:
         history_finalize(
             pmin_ptr, pmax_ptr, pbad_ptr, nprog, rmin_ptr, rmax_ptr, seen_ptr, hist_ptr, scale_ptr,
-            dscale_ptr, n, hist_len, mult, div, eps, BLOCK_P, BLOCK_H, ALGO,
+            dscale_ptr, n, count_masked(keep_ptr, num_keep, keep_div, HAS_MASK), hist_len, mult, div, eps,
+            BLOCK_P, BLOCK_H, ALGO,
         )  # fmt: skip
         tl.store(ticket_ptr, 0)
 
@@ -164,7 +183,7 @@ def check_history_state(state) -> None:
     want = {
         "running_min": (torch.float32, ()),
         "running_max": (torch.float32, ()),
-        "seen": (torch.int64, (3,)),
+        "seen": (torch.int64, (4,)),
         "scale": (torch.float32, ()),
         "delayed_scale": (torch.float32, ()),
         "ticket": (torch.int32, (1,)),
@@ -195,15 +214,24 @@ def partial_buffers(
 
 
 def amax_history_update_(
-    x: torch.Tensor, state, algo: str, multiplier: float, divisor: float, eps: float
+    x: torch.Tensor,
+    state,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """One step of an amax history, in place, in one launch (see the reference twin for the maths).
 
     Args:
         x: [in] non-empty float tensor (fp32/bf16/fp16 read natively, fp64 cast in registers).
         state: [in, out] an ``AmaxHistoryState``: ``running_min``, ``running_max``, ``scale``,
-            ``delayed_scale`` float32 ``()``; ``seen`` int64 ``(3,)``; ``amax_history`` float32 ``(L,)``;
+            ``delayed_scale`` float32 ``()``; ``seen`` int64 ``(4,)``; ``amax_history`` float32 ``(L,)``;
             ``ticket`` int32 ``(1,)`` scratch, 0 on entry and exit.
+        mask: [in] ``None``, or a bool tensor of the leading dims of ``x``: only the values under ``True``
+            count; a batch with all of them masked is no step.
         algo: ``"max"``, ``"most_recent"`` or ``"none"`` (roll only: the caller sets ``scale``).
         multiplier, divisor, eps: the scale formula's constants (``2**margin``, ``fp8_max``, ``eps``).
 
@@ -214,12 +242,13 @@ def amax_history_update_(
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r} is not one of {', '.join(map(repr, ALGOS))}")
     x = prepare_input(x)
+    keep, num_keep, keep_div, has_mask = prepare_mask(x, mask)
     pmin, pmax, pbad, programs, num_tiles = partial_buffers(x)
     _amax_history_kernel[(programs,)](
         x, pmin, pmax, pbad, state.ticket, state.running_min, state.running_max, state.seen,
         state.amax_history, state.scale, state.delayed_scale, x.numel(), num_tiles,
-        state.amax_history.numel(), float(multiplier), float(divisor), float(eps),
+        state.amax_history.numel(), float(multiplier), float(divisor), float(eps), keep, num_keep, keep_div,
         BLOCK=BLOCK, BLOCK_P=max(triton.next_power_of_2(programs), 16),
         BLOCK_H=min(BLOCK_H, max(triton.next_power_of_2(state.amax_history.numel()), 16)), ALGO=ALGOS[algo],
-        **launch_options(8),
+        HAS_MASK=has_mask, **launch_options(8),
     )  # fmt: skip

@@ -31,9 +31,10 @@ import triton.language as tl
 from ._common import (
     accumulate_partials,
     launch_options,
-    load_finite,
+    load_kept,
     max_programs,
     prepare_input,
+    prepare_mask,
     store_partials,
 )
 from .minmax import _check_state
@@ -183,13 +184,14 @@ def _row_blocks(t, lane, blocks, C, CB, K: tl.constexpr, BLOCK_B: tl.constexpr, 
 
 @triton.jit
 def _amax_rows_kernel(
-    x_ptr, amax_ptr, pmin_ptr, pmax_ptr, pbad_ptr, C, CB, blocks, num_tiles,
-    K: tl.constexpr, BLOCK_B: tl.constexpr, EVEN: tl.constexpr,
+    x_ptr, amax_ptr, pmin_ptr, pmax_ptr, pbad_ptr, keep_ptr, C, CB, blocks, num_tiles, keep_div,
+    K: tl.constexpr, BLOCK_B: tl.constexpr, EVEN: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """``block_amax = max(block_amax, finite amax of each (1, K) block)`` and this program's partials.
 
     x: ``(R, C)`` contiguous [in]. amax: float32 ``(R, CB)`` [in, out]. pmin, pmax: float32 ``(P,)``,
-    pbad: int64 ``(P,)`` [out]. Grid: ``(P,)``; tile ``t`` holds blocks ``t * BLOCK_B ...``.
+    pbad: int64 ``(P,)`` [out]. keep: [in] uint8, the token mask (``HAS_MASK``): value ``i`` counts where
+    ``keep[i // keep_div]``. Grid: ``(P,)``; tile ``t`` holds blocks ``t * BLOCK_B ...``.
     """
     pid = tl.program_id(0)
     lane = tl.arange(0, K)
@@ -199,7 +201,7 @@ def _amax_rows_kernel(
     bad = tl.zeros([BLOCK_B], tl.int32)
     for t in range(pid, num_tiles, tl.num_programs(0)):
         b, bmask, offs, mask = _row_blocks(t, lane, blocks, C, CB, K, BLOCK_B, EVEN)
-        x, finite = load_finite(x_ptr, offs, mask)
+        x, finite, mask = load_kept(x_ptr, offs, mask, keep_ptr, offs // keep_div, HAS_MASK)
         bmin = tl.min(tl.where(finite, x, float("inf")), 1)
         bmax = tl.max(tl.where(finite, x, float("-inf")), 1)
         mn = tl.minimum(mn, bmin)
@@ -212,8 +214,8 @@ def _amax_rows_kernel(
 
 @triton.jit
 def _amax_tiles_kernel(
-    x_ptr, amax_ptr, pmin_ptr, pmax_ptr, pbad_ptr, R, C, CB, num_tiles,
-    K: tl.constexpr, SUB: tl.constexpr,
+    x_ptr, amax_ptr, pmin_ptr, pmax_ptr, pbad_ptr, keep_ptr, R, C, CB, num_tiles, keep_div,
+    K: tl.constexpr, SUB: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """As ``_amax_rows_kernel`` for ``(K, K)`` tiles: amax ``(RB, CB)``; tile ``t`` is block
     ``(t // CB, t % CB)``, read ``[SUB, K]`` rows at a time."""
@@ -231,7 +233,8 @@ def _amax_tiles_kernel(
         for r0 in range(0, K, SUB):
             rows = rb * K + r0 + sub
             mask = (rows < R)[:, None] & (cols < C)[None, :]
-            x, finite = load_finite(x_ptr, rows[:, None] * C + cols[None, :], mask)
+            offs = rows[:, None] * C + cols[None, :]
+            x, finite, mask = load_kept(x_ptr, offs, mask, keep_ptr, offs // keep_div, HAS_MASK)
             mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
             acc = tl.maximum(acc, tl.where(finite, tl.abs(x), float("-inf")))
         amax = tl.max(tl.max(acc, 1), 0)
@@ -346,7 +349,14 @@ def _check_block(block: tuple[int, int]) -> int:
     return k
 
 
-def block_amax_update_(x: torch.Tensor, block: tuple[int, int], state, block_amax: torch.Tensor) -> None:
+def block_amax_update_(
+    x: torch.Tensor,
+    block: tuple[int, int],
+    state,
+    block_amax: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+) -> None:
     """Fold the per-block finite amax of ``x`` into ``block_amax`` and its range into ``state``, in place.
 
     Args:
@@ -354,8 +364,10 @@ def block_amax_update_(x: torch.Tensor, block: tuple[int, int], state, block_ama
             (fp32 / bf16 / fp16 read natively, fp64 cast in registers).
         block: ``(1, k)`` or ``(k, k)``, k a power of two.
         state: [in, out] a per-tensor range state: ``running_min``, ``running_max`` float32 ``()``, ``seen``
-            int64 ``(3,)``.
+            int64 ``(4,)``.
         block_amax: [in, out] float32 ``(ceil(R / br), ceil(C / k))``, contiguous.
+        mask: [in] ``None``, or a bool tensor of the leading dims of ``x``: only the values under ``True``
+            count.
 
     Raises:
         TypeError: unsupported dtype. ValueError: bad block or state buffers.
@@ -371,6 +383,7 @@ def block_amax_update_(x: torch.Tensor, block: tuple[int, int], state, block_ama
         raise ValueError(f"block_amax must be a contiguous float32 tensor of shape {(rb, cb)}, got "
                          f"{block_amax.dtype} {tuple(block_amax.shape)}")  # fmt: skip
     x = prepare_input(x)
+    keep, num_keep, keep_div, has_mask = prepare_mask(x, mask)
     if block[0] == 1:
         block_b = _rows_per_tile(k, c)
         tiles = triton.cdiv(rb * cb, block_b)
@@ -381,17 +394,18 @@ def block_amax_update_(x: torch.Tensor, block: tuple[int, int], state, block_ama
     pbad = torch.empty(programs, dtype=torch.int64, device=x.device)
     if block[0] == 1:
         _amax_rows_kernel[(programs,)](
-            x, block_amax, pmin, pmin[programs:], pbad, c, cb, rb * cb, tiles,
-            K=k, BLOCK_B=block_b, EVEN=c % k == 0, **launch_options(8),
+            x, block_amax, pmin, pmin[programs:], pbad, keep, c, cb, rb * cb, tiles, keep_div,
+            K=k, BLOCK_B=block_b, EVEN=c % k == 0, HAS_MASK=has_mask, **launch_options(8),
         )  # fmt: skip
     else:
         _amax_tiles_kernel[(programs,)](
-            x, block_amax, pmin, pmin[programs:], pbad, r, c, cb, tiles,
-            K=k, SUB=min(max(TILE // k, 1), k), **launch_options(8),
+            x, block_amax, pmin, pmin[programs:], pbad, keep, r, c, cb, tiles, keep_div,
+            K=k, SUB=min(max(TILE // k, 1), k), HAS_MASK=has_mask, **launch_options(8),
         )  # fmt: skip
     _minmax_finalize_kernel[(1,)](
-        pmin, pmin[programs:], pbad, programs, state.running_min, state.running_max, state.seen,
-        x.numel(), 0.0, BLOCK_P=max(triton.next_power_of_2(programs), 16), EMA=False, **launch_options(4),
+        pmin, pmin[programs:], pbad, programs, state.running_min, state.running_max, state.seen, keep,
+        x.numel(), num_keep, keep_div, 0.0, BLOCK_P=max(triton.next_power_of_2(programs), 16), EMA=False,
+        HAS_MASK=has_mask, **launch_options(4),
     )  # fmt: skip
 
 

@@ -293,7 +293,7 @@ def _observe_fake_quant_kernel(
         if ticket == nprog - 1:
             history_finalize(
                 pmin_ptr, pmax_ptr, pbad_ptr, nprog, rmin_ptr, rmax_ptr, seen_ptr, hist_ptr, scale_ptr,
-                dscale_ptr, n, hist_len, mult, div, eps, BLOCK_P, BLOCK_H, ALGO,
+                dscale_ptr, n, tl.zeros([], tl.int64), hist_len, mult, div, eps, BLOCK_P, BLOCK_H, ALGO,
             )  # fmt: skip
             tl.store(ticket_ptr, 0)
 
@@ -355,9 +355,9 @@ def observe_fake_quantize_(
     )
     ema = averaging_constant is not None
     _finalize_kernel[(1,)](
-        pmin, pmax, pbad, programs, state.running_min, state.running_max, state.seen, xc.numel(),
+        pmin, pmax, pbad, programs, state.running_min, state.running_max, state.seen, pbad, xc.numel(), 1, 1,
         float(averaging_constant) if ema else 0.0, BLOCK_P=max(triton.next_power_of_2(programs), 16), EMA=ema,
-        **launch_options(4),
+        HAS_MASK=False, **launch_options(4),
     )  # fmt: skip
     return out, mask
 

@@ -46,7 +46,15 @@ import triton.language as tl
 
 from . import _smem
 from ._binning import _offgrid_kernel, _pass_kernel, _rows_reduce_kernel
-from ._common import launch_options, load_finite, max_programs, prepare_input, reduce_partials_and_count
+from ._common import (
+    count_masked,
+    launch_options,
+    load_kept,
+    max_programs,
+    prepare_input,
+    prepare_mask,
+    reduce_partials_and_count,
+)
 from ._grid import bin_f32, floor_scaled, inv_width
 from .minmax import _partial_kernel as _minmax_partial_kernel
 
@@ -79,17 +87,22 @@ HIST_STRATEGY = _default_strategy()
 
 
 @triton.jit
-def _bin_numbers_kernel(x_ptr, out_ptr, exp_ptr, org_ptr, start, m, num_bins, BLOCK: tl.constexpr):
-    """``out[i] = bin(x[start + i]) + 0.5`` (float32) for ``i < m``, or -1 where ``x`` is not finite or off
-    the grid, for ``torch.histc(out, num_bins, 0, num_bins)``: bin centres, so any rounding in its bin
-    formula lands in the right bin (``j + 0.5`` is exact for ``j < 2**23``).
+def _bin_numbers_kernel(
+    x_ptr, out_ptr, exp_ptr, org_ptr, keep_ptr, start, m, num_bins, keep_div,
+    BLOCK: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """``out[i] = bin(x[start + i]) + 0.5`` (float32) for ``i < m``, or -1 where ``x`` is not finite, off
+    the grid or (``HAS_MASK``) under a False entry ``keep[(start + i) // keep_div]`` of the token mask, for
+    ``torch.histc(out, num_bins, 0, num_bins)``: bin centres, so any rounding in its bin formula lands in
+    the right bin (``j + 0.5`` is exact for ``j < 2**23``).
 
-    x: [in] ``(start + m,)``; out: [out] float32 ``(m,)``; exp, org: [in] int64 ``()``, the grid.
-    Grid: ``(cdiv(m, BLOCK),)``.
+    x: [in] ``(start + m,)``; out: [out] float32 ``(m,)``; exp, org: [in] int64 ``()``, the grid; keep: [in]
+    uint8, the token mask. Grid: ``(cdiv(m, BLOCK),)``.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    kidx = (offs.to(tl.int64) + start) // keep_div
+    x, finite, _ = load_kept(x_ptr + start, offs, offs < m, keep_ptr, kidx, HAS_MASK)
     mask = offs < m
-    x, finite = load_finite(x_ptr + start, offs, mask)
     inv_w = inv_width(tl.load(exp_ptr))
     d, inside = bin_f32(x, finite, inv_w, tl.load(org_ptr).to(tl.float32), num_bins.to(tl.float32))
     tl.store(out_ptr + offs, tl.where(inside, d + 0.5, -1.0), mask=mask)
@@ -109,13 +122,17 @@ def _finalize_kernel(
     old_grid_ptr,
     counts_ptr,
     delta_ptr,
+    keep_ptr,
     n,
     num_bins,
+    num_keep,
+    keep_div,
     BLOCK_P: tl.constexpr,
     BLOCK_B: tl.constexpr,
     E_LO: tl.constexpr,
     E_HI: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Reduce the partials, update range and ``seen``, choose the grid, add ``delta``, move the counts.
 
@@ -123,9 +140,13 @@ def _finalize_kernel(
     seen: [in, out] int64 ``(3,)``; exp, org: [in, out] int64 ``()``, the grid; old_grid: [out] int64
     ``(2,)``, the grid before (for ``_offgrid_kernel``); counts: [in, out] int64 ``(num_bins,)``.
     delta: ``HAS_DELTA``: [in] int64 ``(num_bins,)``, the batch's counts on the old grid; scratch either way.
+    keep: [in] uint8 ``(num_keep,)``, the token mask (``HAS_MASK``), its masked values counted here.
     Grid: ``(1,)``.
     """
-    mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
+    masked = count_masked(keep_ptr, num_keep, keep_div, HAS_MASK)
+    mn, mx = reduce_partials_and_count(
+        pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, masked, BLOCK_P
+    )
     mn = tl.minimum(tl.load(rmin_ptr), mn)
     mx = tl.maximum(tl.load(rmax_ptr), mx)
     tl.store(rmin_ptr, mn)
@@ -186,7 +207,7 @@ def _check_state(running_min, running_max, seen, exponent, origin, counts) -> No
     for name, t, dtype, shape in (
         ("running_min", running_min, torch.float32, ()),
         ("running_max", running_max, torch.float32, ()),
-        ("seen", seen, torch.int64, (3,)),
+        ("seen", seen, torch.int64, (4,)),
         ("exponent", exponent, torch.int64, ()),
         ("origin", origin, torch.int64, ()),
     ):
@@ -221,14 +242,18 @@ def counter_backend(strategy: str, x: torch.Tensor, num_bins: int) -> str | None
     return counters if fits else None
 
 
-def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> None:
+def histogram_update_(
+    x: torch.Tensor, state, strategy: str | None = None, *, mask: torch.Tensor | None = None
+) -> None:
     """Add the finite values of ``x`` to a canonical-grid histogram, in place (see the reference twin).
 
     Args:
         x: [in] non-empty float tensor.
         state: [in, out] a histogram state (``mono_quant.state.HistogramState``): ``running_min``,
-            ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``; ``exponent``, ``origin`` int64 ``()``;
+            ``running_max`` float32 ``()``; ``seen`` int64 ``(4,)``; ``exponent``, ``origin`` int64 ``()``;
             ``counts`` int64 ``(B,)``.
+        mask: [in] ``None``, or a bool tensor of the leading dims of ``x``: only the values under ``True``
+            count (every binning reads it).
         strategy: one of ``HIST_STRATEGIES`` (default ``HIST_STRATEGY``); same result with each. A
             one-read binning whose counters cannot hold ``B`` bins runs as ``"histc"``, and ``"histc"``
             as ``"atomic"`` under ``torch.use_deterministic_algorithms(True)``.
@@ -247,24 +272,26 @@ def histogram_update_(x: torch.Tensor, state, strategy: str | None = None) -> No
         # here are exact in any order; the atomic binning gives the same counts without asking
         counters = "global"
     x = prepare_input(x)
+    keep = prepare_mask(x, mask)
     if counters is None:
-        _histc_update_(x, state)
+        _histc_update_(x, state, keep)
     else:
-        _binned_update_(x, state, counters, rows=strategy == "smem_rows")
+        _binned_update_(x, state, counters, keep, rows=strategy == "smem_rows")
 
 
-def _finalize(x, state, pmin, pbad, programs, old_grid, delta, has_delta: bool) -> None:
+def _finalize(x, state, pmin, pbad, programs, old_grid, delta, has_delta: bool, keep) -> None:
     num_bins = state.counts.shape[0]
     big = num_bins > 1 << 16  # up to 2**21 + 2 bins: larger chunks, more threads (one program walks them)
+    keep_t, num_keep, keep_div, has_mask = keep
     _finalize_kernel[(1,)](
         pmin, pmin[programs:], pbad, programs, state.running_min, state.running_max, state.seen,
-        state.exponent, state.origin, old_grid, state.counts, delta, x.numel(), num_bins,
-        BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=4096 if big else 1024, E_LO=E_MIN,
-        E_HI=E_MAX, HAS_DELTA=has_delta, **launch_options(8 if big else 4),
+        state.exponent, state.origin, old_grid, state.counts, delta, keep_t, x.numel(), num_bins, num_keep,
+        keep_div, BLOCK_P=max(triton.next_power_of_2(programs), 16), BLOCK_B=4096 if big else 1024,
+        E_LO=E_MIN, E_HI=E_MAX, HAS_DELTA=has_delta, HAS_MASK=has_mask, **launch_options(8 if big else 4),
     )  # fmt: skip
 
 
-def _histc_update_(x: torch.Tensor, state) -> None:
+def _histc_update_(x: torch.Tensor, state, keep) -> None:
     """The ``"histc"`` binning: the range (MinMax's partials), the grid, then ``torch.histc`` on it."""
     n, dev = x.numel(), x.device
     num_tiles = triton.cdiv(n, BLOCK)
@@ -273,11 +300,13 @@ def _histc_update_(x: torch.Tensor, state) -> None:
     pbad = torch.empty(programs + 1, dtype=torch.int64, device=dev)  # the last word: the old grid's
     staging = torch.empty(state.counts.shape[0], dtype=torch.int64, device=dev)  # the finalize's
     grid = (programs,)
+    keep_t, _, keep_div, has_mask = keep
     _minmax_partial_kernel[grid](
-        x, pmin, pmin[programs:], pbad, n, num_tiles, BLOCK=BLOCK, **launch_options(8)
-    )
-    _finalize(x, state, pmin, pbad, programs, staging, staging, has_delta=False)
-    _histc_counts_(x, state.exponent, state.origin, state.counts)
+        x, pmin, pmin[programs:], pbad, keep_t, n, num_tiles, keep_div, BLOCK=BLOCK, HAS_MASK=has_mask,
+        **launch_options(8),
+    )  # fmt: skip
+    _finalize(x, state, pmin, pbad, programs, staging, staging, False, keep)
+    _histc_counts_(x, state.exponent, state.origin, state.counts, keep)
 
 
 @functools.cache
@@ -293,7 +322,7 @@ def _pass_programs(x: torch.Tensor) -> int:
     return _sm_count(index) * PASS_PROGRAMS_PER_SM
 
 
-def _binned_update_(x: torch.Tensor, state, counters: str, rows: bool) -> None:
+def _binned_update_(x: torch.Tensor, state, counters: str, keep, rows: bool) -> None:
     """The one-read binnings (``_binning``): the pass, the rows' reduction (``rows``), the finalize, the
     values off the old grid, the rows of the programs that re-read."""
     n, num_bins, dev = x.numel(), state.counts.shape[0], x.device
@@ -308,8 +337,10 @@ def _binned_update_(x: torch.Tensor, state, counters: str, rows: bool) -> None:
     delta = torch.zeros(num_bins, dtype=torch.int64, device=dev)
     scratch = torch.empty(programs * nbs if counters == "scratch" else 1, dtype=torch.int32, device=dev)
     row_buf = torch.empty(programs * nbs if rows else 1, dtype=torch.int32, device=dev)
+    keep_t, _, keep_div, has_mask = keep
     meta = dict(
         BLOCK=PASS_BLOCK,
+        HAS_MASK=has_mask,
         NBS=nbs,
         NBP=triton.next_power_of_2(nbs) if counters == "tl_histogram" else 1,
         SIDE=SIDE,
@@ -321,14 +352,14 @@ def _binned_update_(x: torch.Tensor, state, counters: str, rows: bool) -> None:
     grid = (programs,)
     _pass_kernel[grid](
         x, pmin, pmin[programs:], pbad, side, side_n, scratch, row_buf if rows else delta, state.exponent,
-        state.origin, n, num_full, num_bins, **meta,
+        state.origin, keep_t, n, num_full, num_bins, keep_div, **meta,
     )  # fmt: skip
     if rows:
         _reduce_rows(row_buf, side_n, delta, programs, num_bins, nbs, gated=False)
-    _finalize(x, state, pmin, pbad, programs, old_grid, delta, has_delta=True)
+    _finalize(x, state, pmin, pbad, programs, old_grid, delta, True, keep)
     _offgrid_kernel[grid](
         x, side, side_n, scratch, row_buf if rows else state.counts, state.exponent, state.origin, old_grid,
-        n, num_full, num_bins, **meta,
+        keep_t, n, num_full, num_bins, keep_div, **meta,
     )  # fmt: skip
     if rows:
         _reduce_rows(row_buf, side_n, state.counts, programs, num_bins, nbs, gated=True)
@@ -344,15 +375,17 @@ def _reduce_rows(rows, side_n, out, programs, num_bins, nbs, gated: bool) -> Non
 
 
 def _histc_counts_(
-    x: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor, counts: torch.Tensor
+    x: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor, counts: torch.Tensor, keep
 ) -> None:
     """Add ``x`` to ``counts`` on its final grid: bin numbers by a kernel, counted by ``torch.histc`` (shared
     memory counters on CUDA), ``HISTC_CHUNK`` values at a time (64 MiB of float32 at most)."""
     n, num_bins = x.numel(), counts.shape[0]
     buf = torch.empty(min(n, HISTC_CHUNK), dtype=torch.float32, device=x.device)
+    keep_t, _, keep_div, has_mask = keep
     for start in range(0, n, HISTC_CHUNK):
         m = min(HISTC_CHUNK, n - start)
         _bin_numbers_kernel[(triton.cdiv(m, BLOCK),)](
-            x, buf, exponent, origin, start, m, num_bins, BLOCK=BLOCK, **launch_options(8)
-        )
+            x, buf, exponent, origin, keep_t, start, m, num_bins, keep_div, BLOCK=BLOCK, HAS_MASK=has_mask,
+            **launch_options(8),
+        )  # fmt: skip
         counts += torch.histc(buf[:m], bins=num_bins, min=0, max=num_bins).to(torch.int64)

@@ -36,12 +36,14 @@ from ._common import (
     Launcher,
     accumulate_partials,
     cdiv,
+    count_masked,
     finalize_channels,
-    load_finite,
+    load_kept,
     max_programs,
     next_power_of_2,
     partials,
     prepare_input,
+    prepare_mask,
     reduce_partials_and_count,
     store_channel_partials,
     store_partials,
@@ -82,14 +84,19 @@ def _partial_kernel(
     pmin_ptr,
     pmax_ptr,
     pbad_ptr,
+    keep_ptr,
     n,
     num_tiles,
+    keep_div,
     BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Partials of one persistent program over ``x``.
 
     x: [in] ``(n,)`` contiguous. pmin, pmax: [out] float32 ``(P,)``; pbad: [out] int64 ``(P,)``, P = number
-    of programs. Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK`` elements.
+    of programs. keep: [in] uint8 ``(n // keep_div,)``, the token mask (``HAS_MASK``): value ``i`` counts
+    where ``keep[i // keep_div]``. Grid: ``(P,)``; program ``p`` reads tiles ``p, p + P, ...`` of ``BLOCK``
+    elements.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -99,8 +106,7 @@ def _partial_kernel(
     bad = tl.zeros([BLOCK], tl.int32)
     for t in range(pid, num_tiles, nprog):
         offs = (t + tl.zeros([], tl.int64)) * BLOCK + lane
-        mask = offs < n
-        x, finite = load_finite(x_ptr, offs, mask)
+        x, finite, mask = load_kept(x_ptr, offs, offs < n, keep_ptr, offs // keep_div, HAS_MASK)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
 
@@ -114,17 +120,25 @@ def _finalize_kernel(
     rmin_ptr,
     rmax_ptr,
     seen_ptr,
+    keep_ptr,
     n,
+    num_keep,
+    keep_div,
     c,
     BLOCK_P: tl.constexpr,
     EMA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Reduce the partials and update the state in place. Grid: ``(1,)``.
 
     pmin, pmax: [in] float32 ``(P,)``; pbad: [in] int64 ``(P,)``. rmin, rmax: [in, out] float32 ``()``;
-    seen: [in, out] int64 ``(3,)``. ``c``: the averaging constant (used when ``EMA``).
+    seen: [in, out] int64 ``(4,)``. keep: [in] uint8 ``(num_keep,)``, the token mask (``HAS_MASK``; each
+    entry covers ``keep_div`` values), counted here. ``c``: the averaging constant (used when ``EMA``).
     """
-    mn, mx = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, BLOCK_P)
+    masked = count_masked(keep_ptr, num_keep, keep_div, HAS_MASK)
+    mn, mx = reduce_partials_and_count(
+        pmin_ptr, pmax_ptr, pbad_ptr, num_partials, seen_ptr, n, masked, BLOCK_P
+    )
     update_range(rmin_ptr, rmax_ptr, 0, True, mn, mx, c, EMA)
 
 
@@ -134,16 +148,20 @@ def _rows_partial_kernel(
     pmin_ptr,
     pmax_ptr,
     pbad_ptr,
+    keep_ptr,
     R,
     C,
     num_row_tiles,
+    keep_div,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    MASK: tl.constexpr,
 ):
     """Per-channel partials of ``x`` viewed as ``[R, C]`` (channel axis last, contiguous).
 
     x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``, non-finite values per
-    channel.
+    channel. keep: [in] uint8, the token mask: ``MASK == 1``, one entry per ``keep_div`` rows (a mask of
+    leading dims); ``MASK == 2``, one per ``keep_div`` values (a mask over the channels too); 0: none.
     Grid: ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads row tiles ``s, s + S, ...`` of channel block
     ``cb``, keeps a ``[BLOCK_R, BLOCK_C]`` running min/max and reduces the rows once at the end.
     """
@@ -160,7 +178,11 @@ def _rows_partial_kernel(
         rows = (t + tl.zeros([], tl.int64)) * BLOCK_R + rows0
         mask = (rows < R)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        x, finite = load_finite(x_ptr, offs, mask)
+        if MASK == 1:  # one division per row
+            kidx = (rows // keep_div)[:, None] + (cols * 0)[None, :]
+        else:
+            kidx = offs // keep_div
+        x, finite, mask = load_kept(x_ptr, offs, mask, keep_ptr, kidx, MASK != 0)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     store_channel_partials(pmin_ptr, pmax_ptr, pbad_ptr, s, C, cols, cmask, mn, mx, bad, 0)
 
@@ -171,16 +193,20 @@ def _inner_partial_kernel(
     pmin_ptr,
     pmax_ptr,
     pbad_ptr,
+    keep_ptr,
     C,
     INNER,
     tiles_per_row,
     num_tiles,
+    keep_div,
     BLOCK_C: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Per-channel partials of ``x`` viewed as ``[O, C, I]`` with ``I > 1`` (contiguous).
 
-    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``. Grid:
+    x: [in]. pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``. keep: [in] uint8, the token
+    mask (``HAS_MASK``): value ``i`` counts where ``keep[i // keep_div]``. Grid:
     ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads tiles ``s, s + S, ...`` of channel block ``cb``;
     tile ``t = o * tiles_per_row + j`` holds ``x[o, cb * BLOCK_C : (cb + 1) * BLOCK_C, j * BLOCK_I : (j + 1)
     * BLOCK_I]``. Small ``I`` (conv activations along ``ch_axis=1``) packs several channels in a tile, large
@@ -200,7 +226,7 @@ def _inner_partial_kernel(
         i = (t - o * tiles_per_row) * BLOCK_I + lane
         mask = cmask[:, None] & (i < INNER)[None, :]
         offs = (o * C + cols[:, None]) * INNER + i[None, :]
-        x, finite = load_finite(x_ptr, offs, mask)
+        x, finite, mask = load_kept(x_ptr, offs, mask, keep_ptr, offs // keep_div, HAS_MASK)
         mn, mx, bad = accumulate_partials(mn, mx, bad, x, finite, mask)
     store_channel_partials(pmin_ptr, pmax_ptr, pbad_ptr, s, C, cols, cmask, mn, mx, bad, 1)
 
@@ -215,21 +241,26 @@ def _channel_finalize_kernel(
     rmin_ptr,
     rmax_ptr,
     seen_ptr,
+    keep_ptr,
     n,
     c,
+    num_keep,
+    keep_div,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     EMA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Reduce ``(S, C)`` partials over ``S`` and update the per-channel state in place.
 
     pmin, pmax: [in] float32 ``(S, C)``; pbad: [in] int64 ``(S, C)``. rmin, rmax: [in, out] float32 ``(C,)``;
-    seen: [in, out] int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C),)``; program ``cb`` reduces channel block
-    ``cb`` (``_common.finalize_channels``).
+    seen: [in, out] int64 ``(4,)``. keep: [in] uint8 ``(num_keep,)``, the token mask (``HAS_MASK``), counted
+    by program 0. Grid: ``(cdiv(C, BLOCK_C),)``; program ``cb`` reduces channel block ``cb``
+    (``_common.finalize_channels``).
     """
     finalize_channels(
         pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, tl.program_id(0), rmin_ptr, rmax_ptr, seen_ptr, n, c,
-        BLOCK_S, BLOCK_C, EMA,
+        keep_ptr, num_keep, keep_div, BLOCK_S, BLOCK_C, EMA, HAS_MASK,
     )  # fmt: skip
 
 
@@ -243,8 +274,8 @@ def _check_state(running_min: torch.Tensor, running_max: torch.Tensor, seen: tor
                 f"{name} must be a contiguous float32 tensor of shape {tuple(shape)}, "
                 f"got {t.dtype} {tuple(t.shape)}"
             )
-    if seen.dtype != torch.int64 or tuple(seen.shape) != (3,):
-        raise ValueError(f"seen must be an int64 tensor of shape (3,), got {seen.dtype} {tuple(seen.shape)}")
+    if seen.dtype != torch.int64 or tuple(seen.shape) != (4,):
+        raise ValueError(f"seen must be an int64 tensor of shape (4,), got {seen.dtype} {tuple(seen.shape)}")
 
 
 _PARTIAL = Launcher(_partial_kernel, 8)
@@ -255,38 +286,47 @@ _CHANNEL_FINALIZE = Launcher(_channel_finalize_kernel, 4)
 
 
 def minmax_update_(
-    x: torch.Tensor, state, averaging_constant: float | None = None, *, kernel: str | None = None
+    x: torch.Tensor,
+    state,
+    averaging_constant: float | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place (see the reference twin).
 
     Args:
         x: [in] non-empty float tensor (fp32/bf16/fp16 read natively, fp64 cast in registers).
         state: [in, out] a range state (``mono_quant.state.RangeState``): ``running_min``,
-            ``running_max`` float32 ``()``; ``seen`` int64 ``(3,)``.
+            ``running_max`` float32 ``()``; ``seen`` int64 ``(4,)``.
         averaging_constant: ``None`` for min/max, else the EMA constant.
+        mask: [in] ``None``, or a bool tensor of the leading dims of ``x``: only the values under ``True``
+            count (read by the kernels; the one-launch family takes the two-launch kernels then).
         kernel: one of ``MINMAX_KERNELS`` (default ``MINMAX_KERNEL``, from ``MONO_QUANT_MINMAX_KERNEL``);
             the same result with each.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad state buffers or kernel.
+        TypeError: unsupported dtype. ValueError: bad state buffers, mask or kernel.
     """
     kernel = _kernel(kernel)
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, ())
     x = prepare_input(x)
-    if kernel == "one_launch":
+    if kernel == "one_launch" and mask is None:
         minmax_one_launch.minmax_update_(x, state, averaging_constant)
         return
+    keep, num_keep, keep_div, has_mask = prepare_mask(x, mask)
     n = x.numel()
     num_tiles = cdiv(n, BLOCK)
     programs = min(num_tiles, max_programs(x))
     pmin, pmax, pbad, _ = partials(x.device, programs)
-    _PARTIAL((programs,), (x, pmin, pmax, pbad, n, num_tiles), (x, n, num_tiles), BLOCK=BLOCK)
+    args = (x, pmin, pmax, pbad, keep, n, num_tiles, keep_div)
+    _PARTIAL((programs,), args, (x, keep, n, num_tiles, keep_div), BLOCK=BLOCK, HAS_MASK=has_mask)
     ema = averaging_constant is not None
-    args = (pmin, pmax, pbad, programs, running_min, running_max, seen, n,
+    args = (pmin, pmax, pbad, programs, running_min, running_max, seen, keep, n, num_keep, keep_div,
             float(averaging_constant) if ema else 0.0)  # fmt: skip
-    varying = (programs, running_min, running_max, seen, n)
-    _FINALIZE((1,), args, varying, BLOCK_P=max(next_power_of_2(programs), 16), EMA=ema)
+    varying = args[3:11]
+    _FINALIZE((1,), args, varying, BLOCK_P=max(next_power_of_2(programs), 16), EMA=ema, HAS_MASK=has_mask)
 
 
 def _channel_view(x: torch.Tensor, axis: int) -> tuple[int, int, int]:
@@ -305,6 +345,7 @@ def minmax_per_channel_update_(
     state,
     averaging_constant: float | None = None,
     *,
+    mask: torch.Tensor | None = None,
     kernel: str | None = None,
 ) -> None:
     """Per-channel ``minmax_update_`` along ``ch_axis``.
@@ -313,11 +354,11 @@ def minmax_per_channel_update_(
         x: [in] non-empty float tensor, ``C = x.shape[ch_axis]``.
         ch_axis: the channel dimension (negative counts from the end).
         state: [in, out] a range state: ``running_min``, ``running_max`` float32 ``(C,)``; ``seen`` int64
-            ``(3,)`` (all channels together).
-        averaging_constant, kernel: as in ``minmax_update_``.
+            ``(4,)`` (all channels together).
+        averaging_constant, mask, kernel: as in ``minmax_update_``.
 
     Raises:
-        TypeError: unsupported dtype. ValueError: bad ``ch_axis``, state buffers or kernel.
+        TypeError: unsupported dtype. ValueError: bad ``ch_axis``, state buffers, mask or kernel.
     """
     kernel = _kernel(kernel)
     if x.dim() == 0 or not -x.dim() <= ch_axis < x.dim():
@@ -327,9 +368,10 @@ def minmax_per_channel_update_(
     running_min, running_max, seen = state.running_min, state.running_max, state.seen
     _check_state(running_min, running_max, seen, (channels,))
     x = prepare_input(x)
-    if kernel == "one_launch":
+    if kernel == "one_launch" and mask is None:
         minmax_one_launch.minmax_per_channel_update_(x, outer, channels, inner, state, averaging_constant)
         return
+    keep, num_keep, keep_div, has_mask = prepare_mask(x, mask)
     budget = max_programs(x)
     if inner == 1:
         block_c = min(next_power_of_2(channels), 128 if x.is_cuda else 1024)
@@ -347,14 +389,22 @@ def minmax_per_channel_update_(
     pmin, pmax, pbad, _ = partials(x.device, splits, channels)
     grid = (channel_blocks, splits)
     if inner == 1:
-        args = (x, pmin, pmax, pbad, outer, channels, row_tiles)
-        _ROWS(grid, args, args[:1] + args[4:], BLOCK_R=block_r, BLOCK_C=block_c)
+        # a mask of leading dims covers whole rows of [R, C]: one mask entry per keep_div // C rows
+        per_row = has_mask and keep_div % channels == 0
+        args = (x, pmin, pmax, pbad, keep, outer, channels, row_tiles,
+                keep_div // channels if per_row else keep_div)  # fmt: skip
+        mode = 0 if not has_mask else 1 if per_row else 2
+        _ROWS(grid, args, args[:1] + args[4:], BLOCK_R=block_r, BLOCK_C=block_c, MASK=mode)
     else:
-        args = (x, pmin, pmax, pbad, channels, inner, tiles_per_row, num_tiles)
-        _INNER(grid, args, args[:1] + args[4:], BLOCK_C=block_c, BLOCK_I=block_i)
+        args = (x, pmin, pmax, pbad, keep, channels, inner, tiles_per_row, num_tiles, keep_div)
+        _INNER(grid, args, args[:1] + args[4:], BLOCK_C=block_c, BLOCK_I=block_i, HAS_MASK=has_mask)
     ema = averaging_constant is not None
     block_c = min(next_power_of_2(channels), 128)
     block_s = min(next_power_of_2(splits), max(2048 // block_c, 1))
-    args = (pmin, pmax, pbad, splits, channels, running_min, running_max, seen, x.numel(),
-            float(averaging_constant) if ema else 0.0)  # fmt: skip
-    _CHANNEL_FINALIZE((cdiv(channels, block_c),), args, args[3:9], BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema)
+    args = (pmin, pmax, pbad, splits, channels, running_min, running_max, seen, keep, x.numel(),
+            float(averaging_constant) if ema else 0.0, num_keep, keep_div)  # fmt: skip
+    varying = args[3:10] + args[11:]
+    _CHANNEL_FINALIZE(
+        (cdiv(channels, block_c),), args, varying, BLOCK_S=block_s, BLOCK_C=block_c, EMA=ema,
+        HAS_MASK=has_mask,
+    )  # fmt: skip

@@ -113,7 +113,7 @@ def _one_launch_kernel(
 
     x: ``(n,)`` contiguous, fp32/bf16/fp16/fp64. pmin, pmax: [out] float32 ``(P,)``; pbad: [out] int64
     ``(P,)``; ticket: [in, out] int32 ``()``, 0 before and after. rmin, rmax: [in, out] float32 ``()``;
-    seen: [in, out] int64 ``(3,)``. ``c``: the averaging constant (used when ``EMA``). Grid: ``(P,)``,
+    seen: [in, out] int64 ``(4,)``. ``c``: the averaging constant (used when ``EMA``). Grid: ``(P,)``,
     ``P <= BLOCK_P``.
     """
     pid = tl.program_id(0)
@@ -140,7 +140,9 @@ def _one_launch_kernel(
     store_partials(pmin_ptr, pmax_ptr, pbad_ptr, pid, mn, mx, bad)
     tl.debug_barrier()  # every thread's stores before the ticket
     if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == nprog - 1:
-        lo, hi = reduce_partials_and_count(pmin_ptr, pmax_ptr, pbad_ptr, nprog, seen_ptr, n, BLOCK_P, ".cg")
+        lo, hi = reduce_partials_and_count(
+            pmin_ptr, pmax_ptr, pbad_ptr, nprog, seen_ptr, n, tl.zeros([], tl.int64), BLOCK_P, ".cg"
+        )
         update_range(rmin_ptr, rmax_ptr, 0, True, lo, hi, c, EMA)
         tl.store(ticket_ptr, 0)
 
@@ -170,7 +172,7 @@ def _rows_one_launch_kernel(
 
     pmin, pmax: [out] float32 ``(S, C)``; pbad: [out] int64 ``(S, C)``; tickets: [in, out] int32
     ``(cdiv(C, BLOCK_C),)``, 0 before and after. rmin, rmax: [in, out] float32 ``(C,)``; seen: [in, out]
-    int64 ``(3,)``. Grid: ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads super-tiles of ``UNROLL``
+    int64 ``(4,)``. Grid: ``(cdiv(C, BLOCK_C), S)``; program ``(cb, s)`` reads super-tiles of ``UNROLL``
     row tiles ``s, s + S, ...`` of channel block ``cb``. ``EVEN_C``: ``C % BLOCK_C == 0`` (no column mask).
     """
     cb = tl.program_id(0)
@@ -210,7 +212,7 @@ def _rows_one_launch_kernel(
     if tl.atomic_add(tickets_ptr + cb, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
         finalize_channels(
             pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, cb, rmin_ptr, rmax_ptr, seen_ptr, n, c,
-            BLOCK_S, BLOCK_C, EMA, ".cg",
+            seen_ptr, 1, 1, BLOCK_S, BLOCK_C, EMA, False, ".cg",
         )  # fmt: skip
         tl.store(tickets_ptr + cb, 0)
 
@@ -287,7 +289,7 @@ def _inner_one_launch_kernel(
     if tl.atomic_add(tickets_ptr + cb, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
         finalize_channels(
             pmin_ptr, pmax_ptr, pbad_ptr, num_splits, C, cb, rmin_ptr, rmax_ptr, seen_ptr, n, c,
-            BLOCK_S, BLOCK_C, EMA, ".cg",
+            seen_ptr, 1, 1, BLOCK_S, BLOCK_C, EMA, False, ".cg",
         )  # fmt: skip
         tl.store(tickets_ptr + cb, 0)
 

@@ -39,8 +39,11 @@ Collectives. All observers share a fixed number of ``all_reduce`` calls, whateve
 1. MAX over ``int64 (4,)``: the number of observers and a checksum of their names, classes and settings
    (each sent as ``v`` and ``-v``, so MAX also yields the minimum): a mismatch raises the same error on every
    rank instead of hanging (one ``all_gather_object`` then names the first difference);
-2. MAX over the channel counts of the per-channel observers (only if there are any): a rank that saw no data
-   has empty ``(0,)`` buffers and learns the size here;
+2. MAX over the channel counts of the per-channel observers and the segment counts of the observers that
+   can be segmented (``mono_quant.core.segments``; only if there are any): a rank that saw no data has
+   empty ``(0,)`` buffers, or no segments, and learns the sizes here. A segmented observer then merges
+   segment by segment, each as a plain observer (``tokens_seen`` summed): an expert empty on some ranks
+   merges exactly, and no rank waits on another;
 3. MAX over the shapes of the buffers of their own shape (only if there are any: per-block amaxes, amax
    histories), the same way;
 4. MIN over ``float32``: every ``"min"`` buffer and every negated ``"max"`` buffer;
@@ -105,8 +108,9 @@ def sync_observers(observers, group=None):
 
     Raises:
         TypeError: ``observers`` holds something that is not an observer.
-        ValueError: the ranks hold different numbers, names, types or settings of observers, or a
-            per-channel observer with different channel counts (raised on every rank alike).
+        ValueError: the ranks hold different numbers, names, types or settings of observers, a
+            per-channel observer with different channel counts, or a segmented observer with different
+            segment counts or unsegmented data on some rank (raised on every rank alike).
     """
     entries = sorted(collect(observers), key=lambda entry: entry[0])
     if not _active(group):

@@ -4,7 +4,7 @@ Like ``mono_quant.state``: the tuple of buffer views that travels through ``ops`
 kernels (``ops.amax_history_update_(x, obs.history_state(), ...)``). Fields, in order:
 
 - ``running_min``, ``running_max``: float32 ``()``, the finite range seen (as every per-tensor observer);
-- ``seen``: int64 ``(3,)`` (``mono_quant.state.Seen``);
+- ``seen``: int64 ``(4,)`` (``mono_quant.state.Seen``);
 - ``amax_history``: float32 ``(history_len,)``, the batches' amaxes, most recent first, 0 in the slots no
   batch has filled yet (a batch's amax is ``max(|finite values|)``, 0 if it has none);
 - ``scale``: float32 ``()``, the scale computed from the history after the latest batch (the next step's);

@@ -7,6 +7,7 @@ functions of the observers, with the reduction passed in (``all_reduce`` across 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import zlib
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from mono_quant.core.base import ObserverBase
+from mono_quant.core.segments import make_segmented
 from mono_quant.grid import regrid_to_range
 from mono_quant.state import Seen
 
@@ -95,11 +97,13 @@ def _first_difference(all_descriptors: list[list[str]]) -> str:
 
 
 def _check_layouts(entries: Entries, reduce: Reduce, gather: Gather, sources: list[Entries], device):
-    """Check that every source holds the same observers; return each one's channel count (1 per tensor).
+    """Check that every source holds the same observers; return each one's channel count (1 per tensor) and
+    ``observer index -> E`` of the segmented ones (``mono_quant.core.segments``).
 
     Raises:
-        ValueError: the sources hold different numbers, names, classes or settings of observers, or a
-            per-channel observer with different channel counts (the same error from every rank).
+        ValueError: the sources hold different numbers, names, classes or settings of observers, a
+            per-channel observer with different channel counts, or a segmented observer with different
+            segment counts or unsegmented data somewhere (the same error from every rank).
     """
     bufs = []
     for src in sources:
@@ -121,10 +125,10 @@ def _check_layouts(entries: Entries, reduce: Reduce, gather: Gather, sources: li
         )
     channels = [1] * len(entries)
     per_channel = [i for i, (_, obs) in enumerate(entries) if obs.ch_axis is not None]
-    if not per_channel:
-        return channels
-    _agree_channels(entries, reduce, sources, device, channels, per_channel)
-    return channels
+    segmentable = [i for i, (_, obs) in enumerate(entries) if obs.SEGMENTED]
+    if not per_channel and not segmentable:
+        return channels, {}
+    return channels, _agree_channels(entries, reduce, sources, device, channels, per_channel, segmentable)
 
 
 def _shaped(obs: ObserverBase) -> list[str]:
@@ -163,13 +167,37 @@ def _shapes(entries: Entries, reduce: Reduce, sources: list[Entries], device) ->
     return out
 
 
-def _agree_channels(entries, reduce, sources, device, channels, per_channel) -> None:
+def _channel_count(obs: ObserverBase) -> int:
+    if obs.num_segments is not None:  # (E, C)
+        return obs.running_min.shape[-1]
+    return obs.running_min.numel()
+
+
+def _agree_channels(entries, reduce, sources, device, channels, per_channel, segmentable) -> dict[int, int]:
+    """One MAX over the channel counts and the segment counts; fills ``channels``, returns the segments."""
     bufs = []
     for src in sources:
-        sizes = torch.tensor([src[i][1].running_min.numel() for i in per_channel], dtype=torch.int64)
+        sizes = torch.tensor([_channel_count(src[i][1]) for i in per_channel], dtype=torch.int64)
         low = torch.where(sizes > 0, -sizes, _NO_CHANNELS)  # -min of the non-empty ones after MAX
-        bufs.append(torch.cat([sizes, low]).to(device))
+        seg = []
+        for i in segmentable:
+            obs = src[i][1]
+            e = obs.num_segments or 0
+            seg += [e, -e if e else _NO_CHANNELS, int(e == 0 and obs._observed())]
+        bufs.append(torch.cat([sizes, low, torch.tensor(seg, dtype=torch.int64)]).to(device))
     reduced = reduce("max", bufs).tolist()
+    segments = {}
+    for j, i in enumerate(segmentable):
+        e_max, e_min, plain = reduced[2 * len(per_channel) + 3 * j :][:3]
+        if e_max > 0 and (-e_min != e_max or plain):
+            what = (
+                f"{-e_min} segments in one rank or source and {e_max} in another"
+                if -e_min != e_max
+                else "segments in one rank or source and data observed without segments in another"
+            )
+            raise ValueError(f"cannot merge observer {entries[i][0]!r}: it has {what}")
+        if e_max > 0:
+            segments[i] = e_max
     k = len(per_channel)
     for j, i in enumerate(per_channel):
         c_max, c_min = reduced[j], -reduced[k + j]
@@ -179,6 +207,55 @@ def _agree_channels(entries, reduce, sources, device, channels, per_channel) -> 
                 f"and {c_max} in another; per-channel observers must watch tensors of one shape"
             )
         channels[i] = c_max
+    return segments
+
+
+class _SegmentView:
+    """Segment ``e`` of a segmented observer as the merge sees an observer: views of its buffers (writes
+    land in the observer), with ``tokens_seen`` (and on segment 0 ``invalid_segments``) summed."""
+
+    def __init__(self, obs: ObserverBase, e: int):
+        self.ch_axis = obs.ch_axis
+        self.num_segments = None
+        self._buffers = {n: obs._buffers[n][e] for n in obs.SEGMENT_FIELDS}
+        self._buffers["tokens_seen"] = obs.tokens_seen[e : e + 1]
+        self.MERGE_RULES = {**obs.MERGE_RULES, "tokens_seen": "sum"}
+        if e == 0:
+            self._buffers["invalid_segments"] = obs.invalid_segments.reshape(1)
+            self.MERGE_RULES["invalid_segments"] = "sum"
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_buffers"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def _merged(self) -> None:
+        pass
+
+
+def _expand_segments(targets: Entries, sources: list[Entries], channels: list[int], segments: dict):
+    """Every segmented observer as ``E`` entries of one segment each (a blank one is segmented first: in
+    place where it is a target, on a copy where it is only a source, which stays unchanged)."""
+    targets_ids = {id(obs) for _, obs in targets}
+
+    def expand(entries: Entries) -> Entries:
+        out = []
+        for i, (name, obs) in enumerate(entries):
+            num = segments.get(i)
+            if num is None:
+                out.append((name, obs))
+                continue
+            if obs.num_segments is None:
+                obs = obs if id(obs) in targets_ids else copy.deepcopy(obs)
+                make_segmented(obs, num, channels[i] if obs.ch_axis is not None else None)
+            out += [(f"{name}[{e}]", _SegmentView(obs, e)) for e in range(num)]
+        return out
+
+    new_channels = [c for i, c in enumerate(channels) for _ in range(segments.get(i, 1))]
+    new_targets = expand(targets)
+    new_sources = [new_targets if src is targets else expand(src) for src in sources]
+    return new_targets, new_sources, new_channels
 
 
 _RANGE = ("running_min", "running_max")
@@ -296,9 +373,11 @@ def merge(sources: list[Entries], targets: Entries, reduce: Reduce, gather: Gath
     ``sources`` holds one list per rank's contribution: the local observers in ``sync_observers`` (then
     ``targets`` is the same list), one list per job in ``merge_observers``.
     """
-    channels = _check_layouts(targets, reduce, gather, sources, device)
+    channels, segments = _check_layouts(targets, reduce, gather, sources, device)
     if not targets:
         return
+    if segments:
+        targets, sources, channels = _expand_segments(targets, sources, channels, segments)
     shapes = _shapes(targets, reduce, sources, device)
     minmax_bufs = [_pack_minmax(src, channels, shapes, device) for src in sources]
     merged = {}

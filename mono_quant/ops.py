@@ -20,14 +20,17 @@ from types import ModuleType
 import torch
 
 import mono_quant.reference as reference
-from mono_quant.state import HistogramState, RangeState
+import mono_quant.reference_segments as reference_segments
+from mono_quant.state import HistogramState, RangeState, SegmentState
 
 __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
     "check_backend",
+    "histogram_segments_update_",
     "histogram_update_",
     "minmax_per_channel_update_",
+    "minmax_segments_update_",
     "minmax_update_",
     "resolve_backend",
     "triton_available",
@@ -136,8 +139,10 @@ def _minmax_op(
     seen: torch.Tensor,
     averaging_constant: float | None,
     backend: str,
+    mask: torch.Tensor | None = None,
 ) -> None:
-    _impl(x, backend).minmax_update_(x, RangeState(running_min, running_max, seen), averaging_constant)
+    state = RangeState(running_min, running_max, seen)
+    _impl(x, backend).minmax_update_(x, state, averaging_constant, mask=mask)
 
 
 def _minmax_per_channel_op(
@@ -148,9 +153,10 @@ def _minmax_per_channel_op(
     seen: torch.Tensor,
     averaging_constant: float | None,
     backend: str,
+    mask: torch.Tensor | None = None,
 ) -> None:
     state = RangeState(running_min, running_max, seen)
-    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant)
+    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant, mask=mask)
 
 
 def _histogram_op(
@@ -162,9 +168,10 @@ def _histogram_op(
     origin: torch.Tensor,
     counts: torch.Tensor,
     backend: str,
+    mask: torch.Tensor | None = None,
 ) -> None:
     state = HistogramState(running_min, running_max, seen, exponent, origin, counts)
-    _impl(x, backend).histogram_update_(x, state)
+    _impl(x, backend).histogram_update_(x, state, mask=mask)
 
 
 # op name -> (body, schema, mutated arguments); a state tuple is passed as its tensors, in field order
@@ -172,19 +179,19 @@ _SCHEMAS = {
     "minmax_update": (
         _minmax_op,
         "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
-        "float? averaging_constant, str backend) -> ()",
+        "float? averaging_constant, str backend, Tensor? mask=None) -> ()",
         RangeState._fields,
     ),
     "minmax_per_channel_update": (
         _minmax_per_channel_op,
         "(Tensor x, int ch_axis, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
-        "float? averaging_constant, str backend) -> ()",
+        "float? averaging_constant, str backend, Tensor? mask=None) -> ()",
         RangeState._fields,
     ),
     "histogram_update": (
         _histogram_op,
         "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) exponent, "
-        "Tensor(e!) origin, Tensor(f!) counts, str backend) -> ()",
+        "Tensor(e!) origin, Tensor(f!) counts, str backend, Tensor? mask=None) -> ()",
         HistogramState._fields,
     ),
 }
@@ -211,13 +218,21 @@ def _compiling() -> bool:
 
 
 def minmax_update_(
-    x: torch.Tensor, state: RangeState, averaging_constant: float | None = None, *, backend: str = "auto"
+    x: torch.Tensor,
+    state: RangeState,
+    averaging_constant: float | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> None:
     """See ``mono_quant.reference.minmax_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.minmax_update(x, *state, averaging_constant, backend)
+        torch.ops.mono_quant.minmax_update(x, *state, averaging_constant, backend, mask)
         return
-    _impl(x, backend).minmax_update_(x, state, averaging_constant)
+    if mask is None:
+        _impl(x, backend).minmax_update_(x, state, averaging_constant)
+    else:
+        _impl(x, backend).minmax_update_(x, state, averaging_constant, mask=mask)
 
 
 def minmax_per_channel_update_(
@@ -226,21 +241,61 @@ def minmax_per_channel_update_(
     state: RangeState,
     averaging_constant: float | None = None,
     *,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """See ``mono_quant.reference.minmax_per_channel_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.minmax_per_channel_update(x, ch_axis, *state, averaging_constant, backend)
+        torch.ops.mono_quant.minmax_per_channel_update(x, ch_axis, *state, averaging_constant, backend, mask)
         return
-    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant)
+    _impl(x, backend).minmax_per_channel_update_(x, ch_axis, state, averaging_constant, mask=mask)
 
 
-def histogram_update_(x: torch.Tensor, state: HistogramState, *, backend: str = "auto") -> None:
+def histogram_update_(
+    x: torch.Tensor, state: HistogramState, *, mask: torch.Tensor | None = None, backend: str = "auto"
+) -> None:
     """See ``mono_quant.reference.histogram_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling():
-        torch.ops.mono_quant.histogram_update(x, *state, backend)
+        torch.ops.mono_quant.histogram_update(x, *state, backend, mask)
         return
-    _impl(x, backend).histogram_update_(x, state)
+    _impl(x, backend).histogram_update_(x, state, mask=mask)
+
+
+# --- segmented observation (MoE experts; mono_quant.reference_segments) ---------------------------------
+
+
+def minmax_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: SegmentState,
+    averaging_constant: float | None = None,
+    *,
+    ch_axis: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """See ``mono_quant.reference_segments.minmax_segments_update_``; ``backend`` as in
+    ``resolve_backend`` (the kernel: ``mono_quant.kernels.segments``, one launch per call)."""
+    impl = reference_segments if resolve_backend(x, backend) == "torch" else _kernels()
+    impl = impl if hasattr(impl, "minmax_segments_update_") else reference_segments
+    impl.minmax_segments_update_(x, segments, state, averaging_constant, ch_axis=ch_axis, mask=mask)
+
+
+def histogram_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: HistogramState,
+    tokens_seen: torch.Tensor,
+    invalid: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """See ``mono_quant.reference_segments.histogram_segments_update_``: per segment the histogram update of
+    ``backend`` (``resolve_backend``) on the rows routed to it; the routing is read on the host."""
+    update = _impl(x, backend).histogram_update_
+    reference_segments.histogram_segments_update_(x, segments, state, tokens_seen, invalid, mask=mask,
+                                                  update=update)  # fmt: skip
 
 
 # --- amax history (mono_quant.history) ---------------------------------------------------------------------
@@ -263,9 +318,10 @@ def _amax_history_op(
     divisor: float,
     eps: float,
     backend: str,
+    mask: torch.Tensor | None = None,
 ) -> None:
     state = AmaxHistoryState(running_min, running_max, seen, amax_history, scale, delayed_scale, ticket)
-    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps)
+    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps, mask=mask)
 
 
 # the ops of mono_quant.history and mono_quant.core.fake_quant, registered as those above
@@ -274,7 +330,7 @@ _TRAINING_SCHEMAS = {
         _amax_history_op,
         "(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, "
         "Tensor(d!) amax_history, Tensor(e!) scale, Tensor(f!) delayed_scale, Tensor(g!) ticket, "
-        "str algo, float multiplier, float divisor, float eps, str backend) -> ()",
+        "str algo, float multiplier, float divisor, float eps, str backend, Tensor? mask=None) -> ()",
         AmaxHistoryState._fields,
         None,
     ),
@@ -302,13 +358,14 @@ def amax_history_update_(
     divisor: float,
     eps: float,
     *,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """See ``mono_quant.reference.amax_history_update_``; ``backend`` as in ``resolve_backend``."""
     if _compiling() and _HAVE_TRAINING_OPS:
-        torch.ops.mono_quant.amax_history_update(x, *state, algo, multiplier, divisor, eps, backend)
+        torch.ops.mono_quant.amax_history_update(x, *state, algo, multiplier, divisor, eps, backend, mask)
         return
-    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps)
+    _impl(x, backend).amax_history_update_(x, state, algo, multiplier, divisor, eps, mask=mask)
 
 
 # --- fake quantization (mono_quant.core.fake_quant) ---------------------------------------------------------
@@ -478,9 +535,10 @@ def _block_amax_op(
     seen: torch.Tensor,
     block_amax: torch.Tensor,
     backend: str,
+    mask: torch.Tensor | None = None,
 ) -> None:
     state = RangeState(running_min, running_max, seen)
-    _impl(x, backend).block_amax_update_(x, (block_rows, block_cols), state, block_amax)
+    _impl(x, backend).block_amax_update_(x, (block_rows, block_cols), state, block_amax, mask=mask)
 
 
 def _block_fake_quantize_op(
@@ -504,7 +562,8 @@ def _register_block_ops() -> bool:
             _block_amax_op,
             mutates_args=(*RangeState._fields, "block_amax"),
             schema="(Tensor x, int block_rows, int block_cols, Tensor(a!) running_min, "
-            "Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) block_amax, str backend) -> ()",
+            "Tensor(b!) running_max, Tensor(c!) seen, Tensor(d!) block_amax, str backend, "
+            "Tensor? mask=None) -> ()",
         )
         op.register_fake(lambda *args, **kwargs: None)
         op = torch.library.custom_op(
@@ -529,13 +588,14 @@ def block_amax_update_(
     state: RangeState,
     block_amax: torch.Tensor,
     *,
+    mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """See ``mono_quant.reference.block_amax_update_``; ``backend`` as in ``resolve_backend``."""
     if _HAVE_BLOCK_OPS and torch.compiler.is_compiling():
-        torch.ops.mono_quant.block_amax_update(x, *block, *state, block_amax, backend)
+        torch.ops.mono_quant.block_amax_update(x, *block, *state, block_amax, backend, mask)
         return
-    _impl(x, backend).block_amax_update_(x, block, state, block_amax)
+    _impl(x, backend).block_amax_update_(x, block, state, block_amax, mask=mask)
 
 
 def block_fake_quantize(

@@ -193,9 +193,9 @@ def plot_comparison(cmp: Comparison, path: str, held_out: dict[str, torch.Tensor
     Raises:
         NotImplementedError: matplotlib is not installed (``pip install 'mono_quant[plot]'``).
         ValueError: matplotlib cannot write that format.
-        OSError: the file cannot be written (an existing one is then unchanged: ``io.write_file``).
+        OSError: the file cannot be written (an existing one is then unchanged: ``files.write_file``).
     """
-    from mono_quant.io import write_file
+    from mono_quant.files import write_file
 
     fig = comparison_figure(cmp, held_out)
     buffer = io.BytesIO()

@@ -6,21 +6,26 @@ tensors in place and never return anything, so a caller can hold the buffers of 
 
 State, shared with the kernels: a ``RangeState`` or a ``HistogramState`` (``mono_quant.state``).
 
-Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. Statistics are those of
-the float32 values: a float64 input is converted once (a copy), and its values beyond the float32 range
-become +-inf, so they count as non-finite. On CUDA tensors nothing
-here reads a value on the host; on CPU tensors the functions branch on values where that skips work
-(the non-finite filtering of a batch that turned out finite) with identical results.
+Non-finite values (NaN, +-Inf) are excluded from every statistic and counted. Every update takes a
+token ``mask`` (keyword; ``None``: every value): a bool tensor of the leading dims of ``x`` whose ``False``
+entries leave their values out of every statistic; they are counted in ``seen[Seen.MASKED]`` and the batch
+counts only if some value is kept (``mono_quant.rows``: no copy of ``x``, bounded temporaries). Statistics
+are those of the float32 values: a float64 input is converted once (a copy), and its values beyond the
+float32 range become +-inf, so they count as non-finite. On CUDA tensors nothing here reads a value on
+the host; on CPU tensors the functions branch on values where that skips work (the non-finite filtering
+of a batch that turned out finite) with identical results.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from mono_quant.grid import canonical_grid, floor_scaled, regrid
+from mono_quant.rows import FILTER_CHUNK, keep_view, masked_values, pieces
 from mono_quant.state import HistogramState, RangeState
 
 __all__ = [
@@ -34,9 +39,6 @@ __all__ = [
 # Elements per chunk where a float32 temporary is needed: bounds the extra memory of bf16/fp16 inputs to
 # 16 MiB whatever the tensor size.
 CHUNK = 1 << 22
-# Elements per piece of the non-finite filtering: a filtered copy, the mask and isfinite's own
-# temporaries take about 13 bytes a value, so 13 MiB whatever the tensor size.
-FILTER_CHUNK = 1 << 20
 # Elements per binning step on the CPU: small enough that the temporaries stay in cache.
 BIN_CHUNK = 1 << 16
 
@@ -66,10 +68,21 @@ def finite_minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return _finite_minmax_filtered(x)
 
 
-def _finite_minmax_filtered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``finite_minmax`` by filtering, ``FILTER_CHUNK`` values at a time (bounded temporaries)."""
+def _finite_minmax_filtered(
+    x: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``finite_minmax`` by filtering, ``FILTER_CHUNK`` values at a time (bounded temporaries); with a
+    ``mask``, of the values under ``True`` only (``bad``: the non-finite ones among them)."""
     inf = torch.full((), float("inf"), dtype=torch.float32, device=x.device)  # a fill, not a host copy
     mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64, device=x.device)
+    if mask is not None:
+        for piece, keep, _ in pieces(x, keep_view(x, mask), FILTER_CHUNK):
+            finite = torch.isfinite(piece)
+            ok = finite & keep
+            mn = torch.minimum(mn, torch.where(ok, piece, inf).amin().float())
+            mx = torch.maximum(mx, torch.where(ok, piece, -inf).amax().float())
+            bad = bad + (keep & ~finite).sum()
+        return mn, mx, bad
     for chunk in x.reshape(-1).split(FILTER_CHUNK):
         finite = torch.isfinite(chunk)
         mn = torch.minimum(mn, torch.where(finite, chunk, inf).amin().float())
@@ -79,18 +92,21 @@ def _finite_minmax_filtered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def finite_minmax_per_channel(
-    x: torch.Tensor, ch_axis: int
+    x: torch.Tensor, ch_axis: int, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel min and max of the finite values of ``x`` along ``ch_axis``, and the non-finite count.
 
     Args:
         x: a non-empty float tensor with ``C = x.shape[ch_axis]``.
+        mask: ``None``, or a bool tensor of the leading dims of ``x``: only the values under ``True``.
 
     Returns:
         ``(min, max, nonfinite)``: float32 ``(C,)`` (``+inf``/``-inf`` for a channel with no finite value),
         float32 ``(C,)``, int64 ``()``.
     """
     axis = ch_axis % x.dim()
+    if mask is not None:
+        return _finite_minmax_per_channel_filtered(x.movedim(axis, -1), keep_view(x, mask).movedim(axis, -1))
     dims = [d for d in range(x.dim()) if d != axis]
     if dims:
         # two reductions: on CPU torch.aminmax(dim=...) is 3-4x slower than amin + amax (measured)
@@ -103,50 +119,45 @@ def finite_minmax_per_channel(
     return _finite_minmax_per_channel_filtered(x.movedim(axis, -1))
 
 
-def _finite_minmax_per_channel_filtered(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _finite_minmax_per_channel_filtered(
+    v: torch.Tensor, k: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finite_minmax_per_channel`` of ``v`` (channels last, any strides) by filtering, in pieces of at most
-    ``FILTER_CHUNK`` values: the temporaries (a mask and a filtered copy) stay bounded whatever the input."""
+    ``FILTER_CHUNK`` values (``rows.pieces``): the temporaries (a mask and a filtered copy) stay bounded
+    whatever the input. ``k``: the keep view of a token mask (channels last too), or ``None``."""
     mn = torch.full(v.shape[-1:], float("inf"), dtype=torch.float32, device=v.device)
     mx = torch.full(v.shape[-1:], float("-inf"), dtype=torch.float32, device=v.device)
     bad = torch.zeros((), dtype=torch.int64, device=v.device)
-    for piece, cols in _channel_pieces(v):
+    for piece, keep, cols in pieces(v, k, FILTER_CHUNK):
         lead = tuple(range(piece.dim() - 1))  # reduced in place of a reshape (which could copy)
         finite = torch.isfinite(piece)
+        if keep is not None:
+            bad += (keep & ~finite).sum()
+            finite &= keep
+        else:
+            bad += piece.numel() - finite.sum()
         t = torch.where(finite, piece, float("inf"))  # one filtered copy of the piece, reused for the max
         torch.minimum(mn[cols], (t.amin(dim=lead) if lead else t).float(), out=mn[cols])
         torch.where(finite, piece, torch.full((), float("-inf"), dtype=t.dtype, device=t.device), out=t)
         torch.maximum(mx[cols], (t.amax(dim=lead) if lead else t).float(), out=mx[cols])
-        bad += piece.numel() - finite.sum()
     return mn, mx, bad
 
 
-def _channel_pieces(v: torch.Tensor):
-    """Views of ``v`` (channels last) of at most ``FILTER_CHUNK`` values each, with the channels each one
-    holds: slices along the leading dimensions, and along the channels once only they are left."""
-    if v.numel() <= FILTER_CHUNK:
-        yield v, slice(None)
-    elif v.dim() == 1:
-        for start in range(0, v.shape[0], FILTER_CHUNK):
-            yield v[start : start + FILTER_CHUNK], slice(start, start + FILTER_CHUNK)
-    elif v[0].numel() > FILTER_CHUNK:
-        for row in v:
-            yield from _channel_pieces(row)
-    else:
-        step = FILTER_CHUNK // v[0].numel()
-        for start in range(0, v.shape[0], step):
-            yield v[start : start + step], slice(None)
-
-
-def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int) -> None:
-    """``seen += [finite, non-finite, 1 batch]`` (the ``Seen`` slots) for a batch of ``n`` values, ``bad`` of
-    them non-finite."""
+def _count_(seen: torch.Tensor, n: int, bad: torch.Tensor | int, masked: torch.Tensor | int = 0) -> None:
+    """``seen += [finite, non-finite, 1 batch, masked]`` (the ``Seen`` slots) for a batch of ``n`` values,
+    ``masked`` of them under a mask's ``False`` and ``bad`` of the others non-finite; the batch counts only
+    if some value is kept."""
     if _may_branch(seen):
-        # in place through numpy's view of the CPU buffer: 1 us, where building a tensor of the three
+        # in place through numpy's view of the CPU buffer: 1 us, where building a tensor of the four
         # host integers and adding it takes 4 (an int64 buffer never takes part in autograd)
-        b = int(bad)
-        seen.numpy()[:] += (n - b, b, 1)
+        b, m = int(bad), int(masked)
+        seen.numpy()[:] += (n - m - b, b, int(n > m), m)
+    elif isinstance(masked, int) and masked == 0:
+        bad = torch.as_tensor(bad, device=seen.device)
+        seen += torch.stack([n - bad, bad, torch.ones_like(bad), torch.zeros_like(bad)])
     else:
-        seen += torch.stack([n - bad, bad, torch.ones_like(bad)])
+        kept = n - masked
+        seen += torch.stack([kept - bad, bad, (kept > 0).to(torch.int64), masked + torch.zeros_like(bad)])
 
 
 def _ema32(run: np.float32, cur: np.float32, c: np.float32) -> np.float32:
@@ -205,7 +216,13 @@ def _update_range_(
         run.copy_(torch.where(torch.isinf(run), cur, torch.where(torch.isinf(cur), run, ema)))
 
 
-def minmax_update_(x: torch.Tensor, state: RangeState, averaging_constant: float | None = None) -> None:
+def minmax_update_(
+    x: torch.Tensor,
+    state: RangeState,
+    averaging_constant: float | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+) -> None:
     """Fold the finite min/max of ``x`` into the running range, in place.
 
     ``averaging_constant=None``: running min/max. Otherwise the moving average
@@ -214,8 +231,14 @@ def minmax_update_(x: torch.Tensor, state: RangeState, averaging_constant: float
 
     Args:
         x: non-empty float tensor. state: a per-tensor ``RangeState`` (``()`` running min/max).
+        mask: ``None``, or a bool tensor of the leading dims of ``x`` (module docstring).
     """
     x = _float32_values(x)
+    if mask is not None:
+        mn, mx, bad = _finite_minmax_filtered(x, mask)
+        _update_range_(state, mn, mx, averaging_constant)
+        _count_(state.seen, x.numel(), bad, masked_values(x, mask))
+        return
     if _may_branch(x):  # CPU: the common all-finite batch without the non-finite bookkeeping tensors
         mn, mx = torch.aminmax(x)
         if math.isfinite(mn.item()) and math.isfinite(mx.item()):
@@ -230,16 +253,22 @@ def minmax_update_(x: torch.Tensor, state: RangeState, averaging_constant: float
 
 
 def minmax_per_channel_update_(
-    x: torch.Tensor, ch_axis: int, state: RangeState, averaging_constant: float | None = None
+    x: torch.Tensor,
+    ch_axis: int,
+    state: RangeState,
+    averaging_constant: float | None = None,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> None:
-    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``."""
+    """Per-channel ``minmax_update_`` along ``ch_axis``: the state's running min/max are float32 ``(C,)``;
+    ``mask`` as in ``minmax_update_``."""
     x = _float32_values(x)
-    mn, mx, bad = finite_minmax_per_channel(x, ch_axis)
+    mn, mx, bad = finite_minmax_per_channel(x, ch_axis, mask)
     _update_range_(state, mn, mx, averaging_constant)
-    _count_(state.seen, x.numel(), bad)
+    _count_(state.seen, x.numel(), bad, 0 if mask is None else masked_values(x, mask))
 
 
-def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
+def histogram_update_(x: torch.Tensor, state: HistogramState, *, mask: torch.Tensor | None = None) -> None:
     """Add the finite values of ``x`` to a canonical-grid histogram, in place.
 
     The new grid is ``canonical_grid`` of the range seen so far, the old counts move to it exactly, then
@@ -247,12 +276,13 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
 
     Args:
         x: non-empty float tensor. state: the histogram, updated in place.
+        mask: ``None``, or a bool tensor of the leading dims of ``x`` (module docstring).
     """
     exponent, origin, counts = state.exponent, state.origin, state.counts
     num_bins = counts.shape[0]
     x = _float32_values(x)
     host = _may_branch(x)
-    mn, mx, bad = finite_minmax(x)
+    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_filtered(x, mask)
     # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
     grows = not host or mn.item() < state.running_min.item() or mx.item() > state.running_max.item()
     if grows:
@@ -270,10 +300,14 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         offset = origin.to(torch.float32)
     # x * 2**-e underflows only for a coarse grid (e > 0); on CPU the fix-up pass is skipped otherwise
     fix_underflow = not host or e > 0
-    all_finite = host and int(bad) == 0
+    all_finite = host and int(bad) == 0 and mask is None
     step = BIN_CHUNK if host else CHUNK
-    flat = x.reshape(-1)
-    for chunk in (flat,) if flat.numel() <= step else flat.split(step):
+    if mask is None:
+        flat = x.reshape(-1)
+        work = ((c, None) for c in ((flat,) if flat.numel() <= step else flat.split(step)))
+    else:  # pieces of x and of the mask broadcast to it (views), each flattened (bounded copies)
+        work = ((p.reshape(-1), k.reshape(-1)) for p, k, _ in pieces(x, keep_view(x, mask), step))
+    for chunk, keep in work:
         chunk = chunk.to(torch.float32)
         if fix_underflow:  # a tiny negative can underflow to -0.0, whose floor is 0: pinned to -1
             t = floor_scaled(chunk, inv_w)
@@ -281,6 +315,8 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
             t = chunk * inv_w  # exact: a power of two
             t.floor_()
         t -= offset  # both integers of magnitude <= 2**24 (the grid's rule), bins < B <= 2**21 + 2: exact
+        if keep is not None:
+            t = torch.where(keep, t, -1.0)  # masked values: outside histc's range, as NaN
         if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
             counts += torch.bincount(t.to(torch.int64), minlength=num_bins)
             continue
@@ -288,7 +324,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState) -> None:
         # whatever histc's rounding, and NaN / +-Inf fall outside and are skipped. Float counts are exact
         # per chunk (< 2**24 values). No data-dependent shape, no host read.
         counts += torch.histc(t, bins=num_bins, min=-0.5, max=num_bins - 0.5).to(torch.int64)
-    _count_(state.seen, x.numel(), bad)
+    _count_(state.seen, x.numel(), bad, 0 if mask is None else masked_values(x, mask))
 
 
 # --- amax history (TransformerEngine's delayed scaling; mono_quant.history) ---------------------------------
@@ -310,24 +346,43 @@ def _amax_scale_host(amax, scale, multiplier: float, divisor: float, eps: float)
 
 
 def amax_history_update_(
-    x: torch.Tensor, state, algo: str, multiplier: float, divisor: float, eps: float
+    x: torch.Tensor,
+    state,
+    algo: str,
+    multiplier: float,
+    divisor: float,
+    eps: float,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """One step of an amax history (``mono_quant.history``), in place.
 
     The batch's amax ``a = max(|finite values of x|)`` (0 if none is finite) goes to the front of the rolled
     history; ``delayed_scale`` takes ``scale``; then, for ``algo`` ``"max"`` / ``"most_recent"``, ``scale``
     becomes ``history.amax_scale`` of the history's max / of ``a`` (``"none"``: left to the caller). The
-    range and ``seen`` are updated as by ``minmax_update_``.
+    range and ``seen`` are updated as by ``minmax_update_``. A batch whose values are all masked is no step:
+    only its masked values are counted.
 
     Args:
         x: non-empty float tensor. state: an ``AmaxHistoryState`` (its ``ticket`` is not touched).
         algo: ``"max"``, ``"most_recent"`` or ``"none"``. multiplier, divisor, eps: of ``amax_scale``.
+        mask: ``None``, or a bool tensor of the leading dims of ``x`` (module docstring).
     """
     x = _float32_values(x)
-    mn, mx, bad = finite_minmax(x)
+    masked = 0 if mask is None else masked_values(x, mask)
+    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_filtered(x, mask)
     _update_range_(state.range, mn, mx, None)
-    _count_(state.seen, x.numel(), bad)
+    _count_(state.seen, x.numel(), bad, masked)
     hist, scale = state.amax_history, state.scale
+    if mask is not None and not _may_branch(x):  # CUDA: the step computed, kept where a value was
+        new = AmaxHistoryStateView(hist.clone(), scale.clone(), state.delayed_scale.clone())
+        _history_step_(new, mn, mx, algo, multiplier, divisor, eps)
+        took = x.numel() - masked > 0
+        for old, t in zip((hist, scale, state.delayed_scale), new, strict=True):
+            old.copy_(torch.where(took, t, old))
+        return
+    if masked == x.numel():  # CPU: every value masked, no step
+        return
     if _may_branch(x):  # CPU: numpy float32 scalars and numpy's view of the history (the same roundings)
         # + 0: an all-zero batch gives +0.0, not -0.0
         a = max(np.float32(-mn.item()), np.float32(mx.item()), np.float32(0)) + np.float32(0)
@@ -340,12 +395,27 @@ def amax_history_update_(
             amax = h.max() if algo == "max" else a
             scale.fill_(float(_amax_scale_host(amax, old, multiplier, divisor, eps)))
         return
+    _history_step_(
+        AmaxHistoryStateView(hist, scale, state.delayed_scale), mn, mx, algo, multiplier, divisor, eps
+    )
+
+
+class AmaxHistoryStateView(NamedTuple):
+    """The part of an ``AmaxHistoryState`` one step of the history changes."""
+
+    amax_history: torch.Tensor
+    scale: torch.Tensor
+    delayed_scale: torch.Tensor
+
+
+def _history_step_(s: AmaxHistoryStateView, mn, mx, algo: str, multiplier, divisor, eps) -> None:
+    """The history's step in tensor ops (no host read), from the batch's finite range ``(mn, mx)``."""
     a = torch.maximum(torch.maximum(-mn, mx), torch.zeros_like(mx)) + 0.0
-    hist.copy_(torch.cat([a.reshape(1), hist[:-1]]))
-    state.delayed_scale.copy_(scale)
+    s.amax_history.copy_(torch.cat([a.reshape(1), s.amax_history[:-1]]))
+    s.delayed_scale.copy_(s.scale)
     if algo != "none":
-        amax = hist.amax() if algo == "max" else a
-        scale.copy_(amax_scale(amax, scale, multiplier, divisor, eps))
+        amax = s.amax_history.amax() if algo == "max" else a
+        s.scale.copy_(amax_scale(amax, s.scale, multiplier, divisor, eps))
 
 
 # --- fake quantization (mono_quant.core.fake_quant) -------------------------------------------------------
@@ -469,7 +539,12 @@ __all__ += ["block_amax_update_", "block_fake_quantize"]
 
 
 def block_amax_update_(
-    x: torch.Tensor, block: tuple[int, int], state: RangeState, block_amax: torch.Tensor
+    x: torch.Tensor,
+    block: tuple[int, int],
+    state: RangeState,
+    block_amax: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """Fold the per-block max of ``|x|`` over the finite values into ``block_amax``, and the finite min / max
     and the counts of ``x`` into ``state``, in place.
@@ -479,7 +554,18 @@ def block_amax_update_(
         block: ``(1, k)`` or ``(k, k)``.
         state: a per-tensor ``RangeState`` (``()`` running min/max, ``seen``).
         block_amax: float32 ``(ceil(R / br), ceil(C / bc))``, ``-inf`` where no finite value was seen.
+        mask: ``None``, or a bool tensor of the leading dims of ``x`` (module docstring). The block
+            statistics filter a copy of ``x`` anyway: masked values become NaN there and are not counted.
     """
+    if mask is not None:
+        x2d = torch.where(keep_view(x, mask), _float32_values(x), float("nan")).reshape(-1, x.shape[-1])
+        amax, bad = finite_block_amax(x2d, block)
+        torch.maximum(block_amax, amax, out=block_amax)
+        mn, mx, _ = finite_minmax(x2d)
+        masked = masked_values(x, mask)
+        _update_range_(state, mn, mx, None)
+        _count_(state.seen, x2d.numel(), bad - masked, masked)
+        return
     x2d = _float32_values(x).reshape(-1, x.shape[-1])
     amax, bad = finite_block_amax(x2d, block)
     torch.maximum(block_amax, amax, out=block_amax)

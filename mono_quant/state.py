@@ -5,8 +5,11 @@ An observer keeps its statistics in registered buffers; a state tuple is a set o
 handed to an update that changes them in place (``ops.minmax_update_(x, obs.range_state(), ...)``). The
 kernels receive the same tuple and pass its tensors to their kernels as plain pointers.
 
-``seen`` is int64 ``(3,)`` with the named slots of ``Seen``: finite values, non-finite values (NaN and
-+-Inf, all channels together) and batches observed (every non-empty batch, also one with nothing finite).
+``seen`` is int64 ``(4,)`` with the named slots of ``Seen``: finite values, non-finite values (NaN and
++-Inf, all channels together), batches observed (every batch with a value outside the mask, also one with
+nothing finite) and values masked out (``forward(x, mask)``: under ``False``, left out of every statistic).
+A segmented observer (``forward(x, segments=idx, num_segments=E)``) holds one such row per segment:
+``(E, 4)``.
 """
 
 from __future__ import annotations
@@ -17,23 +20,25 @@ import torch
 
 from mono_quant.grid import E_MIN, regrid_to_range
 
-__all__ = ["HistogramState", "RangeState", "Seen", "merge_histograms"]
+__all__ = ["HistogramState", "RangeState", "SegmentState", "Seen", "merge_histograms"]
 
 
 class Seen:
-    """Slots of the int64 ``seen`` buffer."""
+    """Slots of the int64 ``seen`` buffer (its last dimension)."""
 
     FINITE = 0
     NONFINITE = 1
     BATCHES = 2
-    SIZE = 3
+    MASKED = 3  # from observer _version 3 on; a saved ``(3,)`` seen loads with 0 here
+    SIZE = 4
 
 
 class RangeState(NamedTuple):
     """The running range and what was seen.
 
     running_min, running_max: float32, ``()`` per tensor or ``(C,)`` per channel; ``+inf`` / ``-inf`` until a
-    finite value has been seen (per channel: in that channel). seen: int64 ``(3,)`` (``Seen``).
+    finite value has been seen (per channel: in that channel). seen: int64 ``(4,)`` (``Seen``).
+    Segmented (``E`` segments): running min/max ``(E,)`` or ``(E, C)``, seen ``(E, 4)``.
     """
 
     running_min: torch.Tensor
@@ -41,19 +46,50 @@ class RangeState(NamedTuple):
     seen: torch.Tensor
 
     @staticmethod
-    def empty(shape: tuple[int, ...] = (), device=None) -> RangeState:
-        """A state that has seen nothing, on ``device``."""
+    def empty(shape: tuple[int, ...] = (), device=None, segments: tuple[int, ...] = ()) -> RangeState:
+        """A state that has seen nothing, on ``device``; ``segments``: ``(E,)`` for a segmented one (the
+        range then ``(E, *shape)``)."""
         return RangeState(
-            torch.full(shape, float("inf"), device=device),
-            torch.full(shape, float("-inf"), device=device),
-            torch.zeros(Seen.SIZE, dtype=torch.int64, device=device),
+            torch.full((*segments, *shape), float("inf"), device=device),
+            torch.full((*segments, *shape), float("-inf"), device=device),
+            torch.zeros((*segments, Seen.SIZE), dtype=torch.int64, device=device),
         )
+
+
+class SegmentState(NamedTuple):
+    """A segmented range state (``forward(x, segments=idx, num_segments=E)``): E sets of statistics.
+
+    running_min, running_max: float32 ``(E,)`` per tensor or ``(E, C)`` per channel; seen: int64 ``(E, 4)``;
+    tokens_seen: int64 ``(E,)``, the rows routed to each segment that were not wholly masked; invalid:
+    int64 ``()``, the routing entries outside ``[0, E)`` that were dropped (counted where no host may read
+    them, on CUDA; on the CPU such an entry is an error before anything changes).
+    """
+
+    running_min: torch.Tensor
+    running_max: torch.Tensor
+    seen: torch.Tensor
+    tokens_seen: torch.Tensor
+    invalid: torch.Tensor
+
+    @staticmethod
+    def empty(num_segments: int, shape: tuple[int, ...] = (), device=None) -> SegmentState:
+        """A segmented state of ``num_segments`` segments that has seen nothing."""
+        return SegmentState(
+            *RangeState.empty(shape, device, (num_segments,)),
+            torch.zeros(num_segments, dtype=torch.int64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    @property
+    def range(self) -> RangeState:
+        """The range part: ``(E, ...)`` running min/max and ``(E, 4)`` seen (views of the same tensors)."""
+        return RangeState(self.running_min, self.running_max, self.seen)
 
 
 class HistogramState(NamedTuple):
     """A canonical-grid histogram (``mono_quant.grid``) with its range and what was seen.
 
-    running_min, running_max: float32 ``()``; seen: int64 ``(3,)``; exponent, origin: int64 ``()``, the grid
+    running_min, running_max: float32 ``()``; seen: int64 ``(4,)``; exponent, origin: int64 ``()``, the grid
     (bin ``j`` covers ``[(origin + j) * 2**exponent, (origin + j + 1) * 2**exponent)``); counts: int64
     ``(B,)``.
     """

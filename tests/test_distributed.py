@@ -62,6 +62,28 @@ EMA = {
 }
 
 
+# segmented (MoE experts): rows routed top-2 over SEGMENTS experts; expert 3 gets rows of batch 4 only (so
+# it is empty on every rank but one), expert 4 none
+SEGMENTS = 5
+SEGMENTED = ("minmax", "hist_kl", "per_channel")
+
+
+def _routing(batch: int) -> torch.Tensor:
+    rows = torch.arange(8)
+    idx = torch.stack([(rows + batch) % 3, (rows * 2 + batch + 1) % 3], 1)
+    if batch == 4:
+        idx[:3, 1] = 3
+    return idx
+
+
+def _segmented_reference() -> dict[str, dict]:
+    observers = {k: EXACT[k]() for k in SEGMENTED}
+    for i, b in enumerate(_batches()):
+        for obs in observers.values():
+            obs(b, segments=_routing(i), num_segments=SEGMENTS)
+    return {k: _snapshot(v) for k, v in observers.items()}
+
+
 def _observers() -> dict[str, mq.ObserverBase]:
     return {name: make() for name, make in {**EXACT, **EMA}.items()}
 
@@ -141,6 +163,14 @@ def _rank_scenarios(rank: int, world: int, device: torch.device) -> dict:
     model = _model().to(device)
     result = mq.run_calibration(model, mine, "histogram", observer_kwargs={"bins": 64}, sync=True)
     out["calibration"] = {k: _snapshot(v) for k, v in result.items()}
+
+    # segmented observers: experts empty on some ranks (and the rank of the world of 3 that sees nothing)
+    segmented = {k: EXACT[k]().to(device) for k in SEGMENTED}
+    for i in SHARES[world][rank]:
+        for obs in segmented.values():
+            obs(batches[i], segments=_routing(i).to(device), num_segments=SEGMENTS)
+    sync_observers(segmented)
+    out["segmented"] = {k: _snapshot(v) for k, v in segmented.items()}
 
     # a fixed number of collectives: 2 observers or 24 cost the same
     def synced(n):
@@ -297,6 +327,15 @@ def test_sync_is_exact_on_every_rank(world, reference):
             _assert_state_equal(out["post"][name], ref_state[name], f"world {n} rank {rank} {name}")
 
 
+def test_sync_of_segmented_observers_is_exact_with_empty_experts(world):
+    n, ranks = world
+    want = _segmented_reference()
+    assert int(want["minmax"]["tokens_seen"][3]) == 3 and int(want["minmax"]["tokens_seen"][4]) == 0
+    for rank, out in enumerate(ranks):
+        for name in SEGMENTED:
+            _assert_state_equal(out["segmented"][name], want[name], f"world {n} rank {rank} segmented {name}")
+
+
 def test_sync_gives_single_process_qparams(world, reference):
     n, ranks = world
     _, ref_q = reference
@@ -367,8 +406,8 @@ def test_fixed_number_of_collectives(world):
     _, ranks = world
     for out in ranks:
         counts = out["collectives"]
-        assert counts[2] == counts[24] == 3  # layout, MIN, SUM
-        assert counts["every_kind"] == 5  # + channel counts, + the float64 SUM of the moving averages
+        assert counts[2] == counts[24] == 4  # layout, segment counts, MIN, SUM
+        assert counts["every_kind"] == 5  # + channel counts (with the segments), + the moving averages' SUM
 
 
 def test_mismatched_ranks_raise_everywhere(world):
@@ -532,4 +571,4 @@ def test_nccl_sync_on_cuda(tmp_path):
                 assert torch.equal(got, first), f"nccl rank {rank} {name}"
         for name in EMA:
             _assert_state_equal(out["post"][name], ranks[0]["post"][name], f"nccl rank {rank} {name}")
-        assert out["collectives"][2] == out["collectives"][24] == 3
+        assert out["collectives"][2] == out["collectives"][24] == 4

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from mono_quant import compare, io
+from mono_quant import compare, files, io
 from mono_quant.core.registry import create_observer
 from mono_quant.io import StateFileError
 
@@ -378,7 +378,7 @@ def test_write_file_replaces_only_once_complete(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", broken_fsync)
+    monkeypatch.setattr(files.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="No space left"):
         io.write_file(str(target), b"newer")
     assert target.read_text() == "new"  # the old file is intact

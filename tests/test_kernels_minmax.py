@@ -45,7 +45,7 @@ def oracle_update(state: list, x: torch.Tensor, c: float | None, ch_axis: int | 
             continue
         new = [ema(float(r), float(v), c) for r, v in zip(run.tolist(), cur.tolist())]
         state[i] = torch.tensor(new, dtype=torch.float64)
-    state[2] = [state[2][0] + x.numel() - bad, state[2][1] + bad, state[2][2] + 1]
+    state[2] = [state[2][0] + x.numel() - bad, state[2][1] + bad, state[2][2] + 1, 0]
 
 
 def ema(run: float, cur: float, c: float) -> float:
@@ -68,7 +68,7 @@ def oracle_state(shape=()) -> list:
     return [
         torch.full((size,), math.inf, dtype=torch.float64),
         torch.full((size,), -math.inf, dtype=torch.float64),
-        [0, 0, 0],
+        [0, 0, 0, 0],
     ]
 
 
@@ -279,15 +279,15 @@ def test_channel_finalize_reduces_every_split(splits, channels, block_s, block_c
     pbad = torch.randint(0, 5, (splits, channels))
     run_min, run_max = torch.randn(channels) - 0.5, torch.randn(channels) + 0.5
     run_min[-1] = float("inf")  # a channel never seen before: the EMA starts from the batch
-    seen = torch.tensor([100, 7, 2])
+    seen = torch.tensor([100, 7, 2, 0])
     want_min, want_max = run_min.clone(), run_max.clone()
     reference._update_range_(RangeState(want_min, want_max, seen.clone()), pmin.amin(0), pmax.amax(0), c)
     bad = int(pbad.sum())
     kmm._channel_finalize_kernel[(triton.cdiv(channels, block_c),)](
-        pmin, pmax, pbad, splits, channels, run_min, run_max, seen, 1000, c or 0.0,
-        BLOCK_S=block_s, BLOCK_C=block_c, EMA=c is not None, **launch_options(4),
+        pmin, pmax, pbad, splits, channels, run_min, run_max, seen, seen, 1000, c or 0.0, 1, 1,
+        BLOCK_S=block_s, BLOCK_C=block_c, EMA=c is not None, HAS_MASK=False, **launch_options(4),
     )  # fmt: skip
-    assert_state([run_min, run_max, seen], [want_min, want_max, torch.tensor([1100 - bad, 7 + bad, 3])])
+    assert_state([run_min, run_max, seen], [want_min, want_max, torch.tensor([1100 - bad, 7 + bad, 3, 0])])
 
 
 def test_resident_programs_follow_registers_threads_and_shared_memory():

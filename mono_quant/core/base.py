@@ -1,7 +1,8 @@
 """The observer interface and what every observer shares: buffers, checks, saved state.
 
-Every observer shares one interface: ``forward(x)`` observes ``x`` and returns it unchanged (so it can sit
-inline in a model or in a forward hook), ``calculate_qparams()`` returns ``(scale, zero_point)`` and
+Every observer shares one interface: ``forward(x, mask=None)`` observes ``x`` (under a token mask: only
+the values where ``mask`` is True) and returns it unchanged (so it can sit inline in a model or in a forward
+hook), ``calculate_qparams()`` returns ``(scale, zero_point)`` and
 ``reset()`` forgets everything. State lives in registered buffers, updated in place: ``.to(device)``,
 ``state_dict()`` / ``load_state_dict()`` work, and ``.half()`` / ``.double()`` move the buffers without
 changing their dtype (statistics stay float32, counts int64). The statistics come from ``mono_quant.ops``,
@@ -22,11 +23,17 @@ import json
 import torch
 from torch import nn
 
+from mono_quant.core import segments as _seg
 from mono_quant.core.qparams import QuantSpec, calculate_qparams, dtype_name
-from mono_quant.ops import check_backend, minmax_per_channel_update_, minmax_update_
-from mono_quant.state import RangeState, Seen
+from mono_quant.ops import (
+    check_backend,
+    minmax_per_channel_update_,
+    minmax_segments_update_,
+    minmax_update_,
+)
+from mono_quant.state import RangeState, Seen, SegmentState
 
-__all__ = ["StateError", "EMA_RULES", "RANGE_RULES", "ObserverBase"]
+__all__ = ["StateError", "EMA_RULES", "RANGE_RULES", "ObserverBase", "check_mask"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _EPS = torch.finfo(torch.float32).eps
@@ -44,7 +51,8 @@ class ObserverBase(nn.Module):
 
     Buffers (a ``RangeState``):
         running_min, running_max: float32, ``()`` or ``(C,)`` per channel; ``+inf``/``-inf`` until data.
-        seen: int64 ``(3,)``: finite values, non-finite values, non-empty batches observed (``Seen``).
+        seen: int64 ``(4,)``: finite values, non-finite values, batches observed, values masked out
+            (``Seen``).
 
     Subclasses set ``ch_axis`` (``None`` per tensor) and ``averaging_constant`` (``None`` for a running
     min/max) or override ``_observe`` / ``_range``.
@@ -53,7 +61,13 @@ class ObserverBase(nn.Module):
     # _version 1: the first layout (running_min, running_max, seen[3]; histogram: exponent, origin, counts).
     # _version 2: the same buffers, and ``_extra_state`` with the class name and ``settings()``, checked on
     # load (a version-1 state dict still loads).
-    _version = 2
+    # _version 3: ``seen`` gains the slot ``Seen.MASKED`` (values left out by a mask): ``(4,)``; a saved
+    # ``(3,)`` seen (versions 1 and 2) loads with 0 masked values.
+    _version = 3
+    # segmented observation (``mono_quant.core.segments``): whether this kind takes ``segments=``, and the
+    # buffers that gain the leading ``E`` dim
+    SEGMENTED = True
+    SEGMENT_FIELDS: tuple[str, ...] = RangeState._fields
     ch_axis: int | None = None
     averaging_constant: float | None = None
     num_channels: int | None = None
@@ -113,8 +127,36 @@ class ObserverBase(nn.Module):
 
     @property
     def nonfinite_count(self) -> int:
-        """How many NaN / +-Inf values were seen and excluded (reads the device)."""
-        return int(self.seen[Seen.NONFINITE])
+        """How many NaN / +-Inf values were seen and excluded (reads the device); masked ones are not
+        counted here."""
+        return int(self.seen[..., Seen.NONFINITE].sum())
+
+    @property
+    def masked_count(self) -> int:
+        """How many values a ``mask`` left out (under ``False``) of every statistic (reads the device)."""
+        return int(self.seen[..., Seen.MASKED].sum())
+
+    @property
+    def num_segments(self) -> int | None:
+        """``E`` of a segmented observer (``mono_quant.core.segments``), ``None`` otherwise."""
+        tokens = self._buffers.get("tokens_seen")
+        return None if tokens is None else tokens.shape[0]
+
+    @property
+    def invalid_segment_count(self) -> int:
+        """Routing entries outside ``[0, E)`` dropped on CUDA (reads the device; 0 if not segmented)."""
+        invalid = self._buffers.get("invalid_segments")
+        return 0 if invalid is None else int(invalid)
+
+    def segment(self, e: int) -> ObserverBase:
+        """A plain observer of this class and settings holding segment ``e``'s state (a copy)."""
+        return _seg.segment_observer(self, e)
+
+    def segment_state(self) -> SegmentState:
+        """A segmented observer's state as a ``SegmentState`` (views of the buffers)."""
+        return SegmentState(
+            self.running_min, self.running_max, self.seen, self.tokens_seen, self.invalid_segments
+        )
 
     def range_state(self) -> RangeState:
         """The running range and ``seen`` as a ``RangeState`` (views of the buffers)."""
@@ -122,22 +164,43 @@ class ObserverBase(nn.Module):
 
     def _observed(self) -> bool:
         """Whether any non-empty batch was observed (also one with nothing finite)."""
-        return bool(self.seen[Seen.BATCHES] > 0)
+        return bool((self.seen[..., Seen.BATCHES] > 0).any())
 
     def _has_finite(self) -> bool:
         """Whether any finite value was observed."""
-        return bool(self.seen[Seen.FINITE] > 0)
+        return bool((self.seen[..., Seen.FINITE] > 0).any())
 
     # --- the interface -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+        num_segments: int | None = None,
+    ) -> torch.Tensor:
         """Observe ``x`` and return it unchanged.
+
+        Args:
+            x: the tensor observed.
+            mask: ``None`` (every value), or a bool tensor of the leading dims of ``x``
+                (``mask.shape == x.shape[:mask.dim()]``, e.g. ``[batch, seq]`` for ``[batch, seq, hidden]``
+                activations): the values under ``False`` are left out of every statistic and counted in
+                ``masked_count``; non-finite values are counted among the others only. A batch whose values
+                are all masked changes nothing but ``masked_count``.
+            segments, num_segments: a segmented observation (``mono_quant.core.segments``): the rows of
+                ``x`` (``x.shape[0]``) routed by ``segments`` (integer ``[N]`` or ``[N, k]``) to ``E =
+                num_segments`` sets of statistics, fixed at the first such call.
 
         Raises:
             TypeError: ``x`` is not a dense, strided tensor of float16, bfloat16, float32 or float64 with
-                values (sparse, nested and meta tensors are refused).
-            ValueError: ``x`` is on another device than the observer's buffers (move the observer with
-                ``.to(device)``, as any module), or a per-channel observer got a tensor without its channel
-                axis, or a different number of channels than before.
+                values (sparse, nested and meta tensors are refused); ``mask`` is not a bool tensor.
+            ValueError: ``x`` (or ``mask``) is on another device than the observer's buffers (move the
+                observer with ``.to(device)``, as any module), a ``mask`` of a shape that is not the leading
+                dims of ``x``, or a per-channel observer got a tensor without its channel axis, or a
+                different number of channels than before; bad ``segments`` / ``num_segments``
+                (``core.segments.check_segments``). Nothing changes on any of these errors.
+            NotImplementedError: ``segments`` for a kind that has no segmented observation.
         """
         _check_input(x)
         if x.device != self.seen.device:
@@ -145,10 +208,28 @@ class ObserverBase(nn.Module):
                 f"x is on {x.device} but this observer's buffers are on {self.seen.device}; "
                 f"move the observer first: observer.to({str(x.device)!r})"
             )
+        if mask is not None:
+            check_mask(x, mask)
+        if segments is not None or num_segments is not None:
+            _seg.check_segments(self, x, segments, num_segments, mask)
+            if self.num_segments is None:
+                axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+                _seg.make_segmented(self, num_segments, None if axis is None else x.shape[axis])
+            if x.numel():
+                self._observe_segments(x.detach(), segments, mask)
+            return x
+        if self.num_segments is not None:
+            raise ValueError(
+                f"this {type(self).__name__} is segmented ({self.num_segments} segments): pass segments= "
+                f"and num_segments={self.num_segments}, or reset() it first"
+            )
         if x.numel() == 0:
             return x
         # no torch.no_grad() needed (1.5 us a call): x is detached and no buffer requires grad
-        self._observe(x.detach())
+        if mask is None:
+            self._observe(x.detach())
+        else:
+            self._observe(x.detach(), mask=mask)
         return x
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +238,17 @@ class ObserverBase(nn.Module):
         Raises:
             RuntimeError: nothing was observed, or nothing finite was (per channel: in some channel).
         """
+        if self.num_segments is not None:
+            return _seg.segmented_qparams(self)
         self._check_finite_seen()
         lo, hi = self._range()
         return calculate_qparams(lo, hi, self.spec)
 
     def reset(self) -> None:
         """Forget every statistic (a per-channel observer without ``num_channels`` also its channel
-        count); the configuration stays."""
+        count, a segmented one its segments); the configuration stays."""
+        if self.num_segments is not None:
+            _seg.unsegment(self)
         if self.ch_axis is not None and self.num_channels is None:
             self._resize_channels(0)
         self.running_min.fill_(float("inf"))
@@ -171,19 +256,26 @@ class ObserverBase(nn.Module):
         self.seen.zero_()
 
     # --- what subclasses implement -------------------------------------------------------------------
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if self.ch_axis is None:
-            minmax_update_(x, self.range_state(), self.averaging_constant, backend=self.backend)
+            minmax_update_(x, self.range_state(), self.averaging_constant, mask=mask, backend=self.backend)
             return
         axis, sized_now = self._channel_axis(x)
         try:
             minmax_per_channel_update_(
-                x, axis, self.range_state(), self.averaging_constant, backend=self.backend
+                x, axis, self.range_state(), self.averaging_constant, mask=mask, backend=self.backend
             )
         except BaseException:
             if sized_now:  # a failed first observation does not fix the channel count
                 self._resize_channels(0)
             raise
+
+    def _observe_segments(self, x: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None) -> None:
+        axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+        minmax_segments_update_(
+            x, segments, self.segment_state(), self.averaging_constant, ch_axis=axis, mask=mask,
+            backend=self.backend,
+        )  # fmt: skip
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.running_min, self.running_max
@@ -278,11 +370,15 @@ class ObserverBase(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._load_segments(state_dict, prefix)
         for name, buf in self._buffers.items():
             key = prefix + name
             if key not in state_dict:
                 continue
             saved = state_dict[key]
+            if name == "seen" and isinstance(saved, torch.Tensor) and saved.shape[-1:] == (Seen.SIZE - 1,):
+                # saved before Seen.MASKED (_version < 3): no value was masked then
+                saved = state_dict[key] = torch.cat([saved, saved.new_zeros((*saved.shape[:-1], 1))], -1)
             if not isinstance(saved, torch.Tensor) or saved.dtype != buf.dtype:
                 got = saved.dtype if isinstance(saved, torch.Tensor) else type(saved).__name__
                 raise ValueError(f"cannot load {key}: it must be a {buf.dtype} tensor, got {got}")
@@ -302,6 +398,23 @@ class ObserverBase(nn.Module):
             if extra in missing:
                 missing.remove(extra)
 
+    def _load_segments(self, state_dict, prefix) -> None:
+        """Match the segmentation of a state about to be loaded (its ``tokens_seen``), blank."""
+        tokens = state_dict.get(prefix + "tokens_seen")
+        if not isinstance(tokens, torch.Tensor):
+            if self.num_segments is not None:
+                _seg.unsegment(self)
+            return
+        if tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise ValueError(f"cannot load {prefix}tokens_seen: it must be an int64 (E,) tensor")
+        saved_min = state_dict.get(prefix + "running_min")
+        channels = None
+        if self.ch_axis is not None and isinstance(saved_min, torch.Tensor) and saved_min.dim() == 2:
+            channels = saved_min.shape[1]
+        if self.num_segments is not None:
+            _seg.unsegment(self)
+        _seg.make_segmented(self, tokens.shape[0], channels)
+
     def check_state(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
         """Check what every observer state holds: ``seen`` counts that batches can give, and a range either
         finite with ``min <= max`` or ``+inf`` / ``-inf`` (nothing finite seen), consistent with ``seen``.
@@ -314,8 +427,13 @@ class ObserverBase(nn.Module):
         """
         b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
         seen = b["seen"]
-        finite, nonfinite, batches = (int(seen[i]) for i in (Seen.FINITE, Seen.NONFINITE, Seen.BATCHES))
-        if min(finite, nonfinite, batches) < 0:
+        if seen.dim() == 2:
+            _seg.check_segmented_state(self, b)
+            return
+        if seen.shape != (Seen.SIZE,):
+            raise StateError("seen", f"must have shape ({Seen.SIZE},), got {tuple(seen.shape)}")
+        finite, nonfinite, batches, masked = (int(v) for v in seen)
+        if min(finite, nonfinite, batches, masked) < 0:
             raise StateError("seen", f"counts of values and batches must be >= 0, got {seen.tolist()}")
         if finite + nonfinite < batches or (finite + nonfinite > 0) != (batches > 0):
             raise StateError(
@@ -390,6 +508,29 @@ def _decode(state) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict):
         raise ValueError("cannot load this observer state: its _extra_state is not what an observer saved")
     return obj
+
+
+def check_mask(x: torch.Tensor, mask) -> None:
+    """Check a token ``mask`` for ``x``: a bool tensor of ``x``'s leading dims, on its device.
+
+    Raises:
+        TypeError: ``mask`` is not a bool tensor.
+        ValueError: its shape is not ``x.shape[:mask.dim()]``, or it is on another device.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a bool tensor, got {mask.dtype}; pass mask.bool() (an attention mask of 0 / 1: "
+            "attention_mask.bool())"
+        )
+    if mask.dim() > x.dim() or tuple(mask.shape) != tuple(x.shape[: mask.dim()]):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not match x of shape {tuple(x.shape)}: a mask covers "
+            f"the leading dims of x (mask.shape == x.shape[:mask.dim()], e.g. {tuple(x.shape[:-1])})"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}; move it with mask.to(x.device)")
 
 
 def _check_input(x) -> None:

@@ -82,6 +82,7 @@ class PerBlockObserver(ObserverBase):
     """
 
     MERGE_RULES = {**RANGE_RULES, "block_amax": "max"}
+    SEGMENTED = False  # the blocks are positions in one tensor
 
     def __init__(
         self,
@@ -125,7 +126,7 @@ class PerBlockObserver(ObserverBase):
         return self.block_amax if self._observed() else None
 
     # --- the interface -------------------------------------------------------------------------------
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if x.dim() == 0:
             raise ValueError(
                 "PerBlockObserver observes tensors of at least one dimension (viewed as [-1, last]), "
@@ -148,7 +149,9 @@ class PerBlockObserver(ObserverBase):
                 f"with {grid[0]} x {grid[1]}; {fix}"
             )
         try:
-            block_amax_update_(x, self.block_size, self.range_state(), self.block_amax, backend=self.backend)
+            block_amax_update_(
+                x, self.block_size, self.range_state(), self.block_amax, mask=mask, backend=self.backend
+            )
         except BaseException:
             if sized_now:  # a failed first observation does not fix the grid
                 self.block_amax.resize_(0, 0)

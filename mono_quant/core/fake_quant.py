@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mono_quant.core.base import ObserverBase, _check_input
+from mono_quant.core.base import ObserverBase, _check_input, check_mask
 from mono_quant.core.observers import (
     AmaxHistoryObserver,
     MinMaxObserver,
@@ -236,25 +236,34 @@ class FakeQuantize(nn.Module):
         return self.enable_observer(False)
 
     # --- the interface ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Observe ``x`` and return it fake-quantized (module docstring); shape and dtype of ``x``.
 
+        Args:
+            x: the tensor.
+            mask: ``None``, or a token mask (a bool tensor of the leading dims of ``x``, as for observers):
+                only the values under ``True`` are observed; the output is all of ``x`` fake-quantized.
+                With a mask, ``fused=True`` takes the unfused steps (the same results).
+
         Raises:
-            TypeError: ``x`` is not a float tensor (as for observers). ValueError: another device than the
-                module's buffers, or a per-channel shape that does not match.
+            TypeError: ``x`` is not a float tensor (as for observers), ``mask`` not a bool tensor.
+            ValueError: another device than the module's buffers, a per-channel shape that does not match,
+                or a mask of the wrong shape (nothing changes then).
         """
         _check_input(x)
+        if mask is not None:
+            check_mask(x, mask)
         if x.numel() == 0:
             return x
         observe = self._observer_on
-        if self.fused and observe and self._fake_quant_on and self._has_qparams:
+        if self.fused and observe and self._fake_quant_on and self._has_qparams and mask is None:
             return self._fused_step(x)
         if observe and (not self.delayed or not self._has_qparams):
-            self._observe(x)
+            self._observe(x, mask)
             observe = False
         out = self._fake_quantize(x) if self._fake_quant_on else x
         if observe:
-            self._observe(x)
+            self._observe(x, mask)
         return out
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,8 +278,8 @@ class FakeQuantize(nn.Module):
         self._has_qparams = False
 
     # --- helpers -----------------------------------------------------------------------------------------
-    def _observe(self, x: torch.Tensor) -> None:
-        self.observer(x)
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.observer(x, mask)
         self._update_qparams()
 
     def _update_qparams(self) -> None:

@@ -12,7 +12,7 @@ from mono_quant.core.base import EMA_RULES, RANGE_RULES, ObserverBase, StateErro
 from mono_quant.core.search import HISTOGRAM_METHODS, search_range
 from mono_quant.grid import E_MAX, E_MIN, MAX_BINS, bin_edges, bin_index, canonical_grid, internal_bins
 from mono_quant.history import AMAX_ALGOS, AmaxHistoryState, amax_scale
-from mono_quant.ops import amax_history_update_, histogram_update_
+from mono_quant.ops import amax_history_update_, histogram_segments_update_, histogram_update_
 from mono_quant.state import HistogramState, RangeState, Seen
 
 __all__ = [
@@ -148,6 +148,7 @@ class HistogramObserver(ObserverBase):
     """
 
     MERGE_RULES = {**RANGE_RULES, "exponent": "grid", "origin": "grid", "counts": "counts"}
+    SEGMENT_FIELDS = HistogramState._fields
 
     def __init__(self, bins: int = 2048, method: str = "kl", percentile: float = 99.99, **kwargs):
         if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
@@ -178,6 +179,8 @@ class HistogramObserver(ObserverBase):
         """``ObserverBase.check_state``, and the histogram's own: the exponent in ``[E_MIN, E_MAX]``, the
         origin within float32's exact integers, counts >= 0 summing to the finite values seen, all of them in
         the bins of the range, on the canonical grid of that range."""
+        if {**self._buffers, **(buffers or {})}["seen"].dim() == 2:  # segmented: each segment alone
+            return super().check_state(buffers)
         super().check_state(buffers)
         b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
         e, origin, counts = int(b["exponent"]), int(b["origin"]), b["counts"]
@@ -239,8 +242,19 @@ class HistogramObserver(ObserverBase):
         self.origin.zero_()
         self.counts.zero_()
 
-    def _observe(self, x: torch.Tensor) -> None:
-        histogram_update_(x, self.state(), backend=self.backend)
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        histogram_update_(x, self.state(), mask=mask, backend=self.backend)
+
+    def _observe_segments(self, x: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None) -> None:
+        histogram_segments_update_(
+            x,
+            segments,
+            self.state(),
+            self.tokens_seen,
+            self.invalid_segments,
+            mask=mask,
+            backend=self.backend,
+        )
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = search_range(
@@ -320,6 +334,7 @@ class AmaxHistoryObserver(ObserverBase):
     """
 
     MERGE_RULES = {**RANGE_RULES, "amax_history": "max", "scale": "derived"}
+    SEGMENTED = False  # one history per tensor: a step is a batch, not a set of rows
 
     def __init__(
         self,
@@ -396,14 +411,14 @@ class AmaxHistoryObserver(ObserverBase):
         self.delayed_scale.fill_(1.0)
         self.ticket.zero_()
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         algo = self.amax_compute_algo
         state = self.history_state()
         consts = (self._multiplier, self._divisor, self.eps)
         if not callable(algo):
-            amax_history_update_(x, state, algo, *consts, backend=self.backend)
+            amax_history_update_(x, state, algo, *consts, mask=mask, backend=self.backend)
         else:
-            amax_history_update_(x, state, "none", *consts, backend=self.backend)
+            amax_history_update_(x, state, "none", *consts, mask=mask, backend=self.backend)
             self.scale.copy_(amax_scale(self._call_algo(), self.scale, *consts))
         if self.reduce_amax and _distributed(self.group):
             # the older slots agree already; MAX of the newest, then the scale of the reduced history (where

@@ -1,0 +1,217 @@
+"""Segmented observation in plain torch (MoE experts): E sets of statistics in one state.
+
+``x`` is ``[N, ...]``: its rows are ``x.shape[0]`` (activations of ``[batch, seq, hidden]`` are observed
+as ``x.reshape(-1, hidden)``, a view, with the routing of ``[batch * seq]`` tokens). ``segments`` is an
+integer ``[N]`` (one segment a row) or ``[N, k]`` (top-k routing: the row counts for every segment listed,
+once even if listed twice). A token ``mask`` (``mono_quant.rows``) covers the leading dims of ``x`` as for
+every observer; a segment's statistics are then exactly those of a plain observer fed the rows routed to
+it (``x[rows]`` under ``mask[rows]``), and segments that receive no row this call are untouched.
+
+Routing entries outside ``[0, E)`` are dropped into a dump slot and counted in ``state.invalid``: on the
+CPU that is an error first (``ValueError``, nothing changed), on CUDA nothing reads a value on the host.
+
+The min/max update (``minmax_segments_update_``) is the kernel's twin: per-row finite min / max and counts
+in pieces of rows (bounded temporaries, no copy of ``x``), then one scatter per routing column into
+``E + 1`` slots. The histogram update (``histogram_segments_update_``) runs the plain histogram update per
+segment on the rows routed to it: it reads the routing on the host (one sync per call on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mono_quant.reference import (
+    _float32_values,
+    _may_branch,
+    _update_range_,
+    histogram_update_,
+)
+from mono_quant.rows import FILTER_CHUNK, keep_view
+from mono_quant.state import HistogramState, RangeState, SegmentState
+
+__all__ = [
+    "check_routing_values",
+    "histogram_segments_update_",
+    "minmax_segments_update_",
+    "routed_rows",
+    "routing",
+]
+
+
+def routing(segments: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing as ``[N, k]`` int64 slots in ``[0, E]`` (``E``: the dump slot, for entries outside
+    ``[0, E)`` and repeats of a segment in one row), and how many entries were outside (int64 ``()``)."""
+    idx = segments.reshape(segments.shape[0], -1).to(torch.int64)
+    outside = (idx < 0) | (idx >= num_segments)
+    drop = outside.clone()
+    for j in range(1, idx.shape[1]):  # a row lists a segment once: later repeats go to the dump slot
+        drop[:, j] |= (idx[:, :j] == idx[:, j : j + 1]).any(1)
+    return torch.where(drop, num_segments, idx), outside.sum()
+
+
+def check_routing_values(segments: torch.Tensor, num_segments: int) -> None:
+    """On the CPU, refuse routing entries outside ``[0, num_segments)`` (elsewhere: nothing, no host read).
+
+    Raises:
+        ValueError: the first such entry, with its row.
+    """
+    if not _may_branch(segments) or segments.numel() == 0:
+        return
+    bad = (segments < 0) | (segments >= num_segments)
+    if bool(bad.any()):
+        at = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"segments must lie in [0, num_segments) = [0, {num_segments}), got {int(segments[at])} at "
+            f"segments{list(at)} ({int(bad.sum())} entries outside)"
+        )
+
+
+def _kept_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[N]``: 1 where row ``i`` has a value under ``True`` (every row without a mask)."""
+    n = x.shape[0]
+    if mask is None:
+        return torch.ones(n, dtype=torch.int64, device=x.device)
+    if mask.dim() == 0:
+        return mask.to(torch.int64).expand(n)
+    return mask.reshape(n, -1).any(1).to(torch.int64)
+
+
+def _row_stats(x: torch.Tensor, mask: torch.Tensor | None, ch_axis: int | None):
+    """Per row of ``x``: the finite min and max of its kept values (float32 ``[N]``, or ``[N, C]`` along
+    ``ch_axis``), and int64 ``[N, 3]``: its kept finite, kept non-finite and masked value counts."""
+    n = x.shape[0]
+    v = x if ch_axis is None else x.movedim(ch_axis, -1)  # channels last; a view
+    k = None if mask is None else keep_view(x, mask)
+    k = k if k is None or ch_axis is None else k.movedim(ch_axis, -1)
+    chan = () if ch_axis is None else v.shape[-1:]
+    mn = torch.empty((n, *chan), dtype=torch.float32, device=x.device)
+    mx = torch.empty_like(mn)
+    counts = torch.empty((n, 3), dtype=torch.int64, device=x.device)
+    inner = max(x[0].numel() if n else 1, 1)
+    step = max(FILTER_CHUNK // inner, 1)
+    inf = torch.full((), float("inf"), dtype=v.dtype, device=x.device)
+    for start in range(0, n, step):
+        s = slice(start, start + step)
+        piece = v[s]
+        lead = tuple(range(1, piece.dim() - (ch_axis is not None)))  # all but the row (and channel) dims
+        all_dims = tuple(range(1, piece.dim()))
+        finite = torch.isfinite(piece)
+        ok = finite if k is None else finite & k[s]
+        t = torch.where(ok, piece, inf)
+        mn[s] = (t.amin(dim=lead) if lead else t).float()
+        torch.where(ok, piece, -inf, out=t)
+        mx[s] = (t.amax(dim=lead) if lead else t).float()
+        total = piece[0].numel()
+        kept = ok.sum(all_dims) if all_dims else ok.to(torch.int64)
+        if k is None:
+            kept_all = torch.full_like(kept, total)
+        else:
+            kk = k[s]
+            kept_all = kk.sum(all_dims) if all_dims else kk.to(torch.int64)
+        counts[s, 0] = kept
+        counts[s, 1] = kept_all - kept
+        counts[s, 2] = total - kept_all
+    return mn, mx, counts
+
+
+def minmax_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: SegmentState,
+    averaging_constant: float | None = None,
+    *,
+    ch_axis: int | None = None,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """Fold the rows of ``x`` into the running range of each segment they are routed to, in place.
+
+    Per segment ``e`` the result equals ``reference.minmax_update_`` (or the per-channel one) of the rows
+    routed to ``e``: min/max or the moving average (a segment that gets no row, or no finite value, keeps
+    its range), ``seen[e]`` counted as for those rows alone, ``tokens_seen[e]`` += the rows not wholly masked.
+
+    Args:
+        x: non-empty float tensor ``[N, ...]`` (rows along dim 0).
+        segments: integer ``[N]`` or ``[N, k]``, values in ``[0, E)``.
+        state: a ``SegmentState`` of ``E`` segments: range ``(E,)`` per tensor, ``(E, C)`` per channel.
+        averaging_constant: ``None`` for min/max, else the EMA constant.
+        ch_axis: ``None`` per tensor, else the channel axis (not 0, the rows' axis).
+        mask: ``None``, or a bool tensor of the leading dims of ``x``.
+
+    Raises:
+        ValueError: on the CPU, routing entries outside ``[0, E)`` (nothing changes).
+    """
+    num_segments = state.tokens_seen.shape[0]
+    check_routing_values(segments, num_segments)
+    x = _float32_values(x)
+    slots, outside = routing(segments, num_segments)
+    axis = None if ch_axis is None else ch_axis % x.dim()
+    mn, mx, counts = _row_stats(x, mask, axis)
+    per_row = torch.cat([counts, _kept_rows(x, mask)[:, None]], 1)  # finite, non-finite, masked, token
+    seg_min = torch.full((num_segments + 1, *mn.shape[1:]), float("inf"), device=x.device)
+    seg_max = torch.full_like(seg_min, float("-inf"))
+    seg_counts = torch.zeros((num_segments + 1, 4), dtype=torch.int64, device=x.device)
+    for j in range(slots.shape[1]):  # one scatter per routing column: amin / amax / sum are order-free
+        col = slots[:, j]
+        at = col.reshape(-1, *(1,) * (mn.dim() - 1)).expand(mn.shape)
+        seg_min.scatter_reduce_(0, at, mn, "amin")
+        seg_max.scatter_reduce_(0, at, mx, "amax")
+        seg_counts.index_add_(0, col, per_row)
+    _update_range_(RangeState(state.running_min, state.running_max, state.seen), seg_min[:-1], seg_max[:-1],
+                   averaging_constant)  # fmt: skip
+    finite, nonfinite, masked, tokens = seg_counts[:-1].unbind(1)
+    batches = (finite + nonfinite > 0).to(torch.int64)
+    state.seen.add_(torch.stack([finite, nonfinite, batches, masked], 1))
+    state.tokens_seen.add_(tokens)
+    state.invalid.add_(outside)
+
+
+def routed_rows(segments: torch.Tensor, num_segments: int) -> list[torch.Tensor | None]:
+    """Per segment, the int64 indices of the rows routed to it (``None`` where none is); reads the host."""
+    slots, _ = routing(segments, num_segments)
+    flat = slots.reshape(-1)
+    rows = torch.arange(slots.shape[0], device=slots.device).repeat_interleave(slots.shape[1])
+    keep = flat < num_segments
+    flat, rows = flat[keep], rows[keep]
+    order = torch.argsort(flat, stable=True)  # rows ascending within a segment
+    sizes = torch.bincount(flat, minlength=num_segments).tolist()
+    out, start = [], 0
+    for size in sizes:
+        out.append(rows[order[start : start + size]] if size else None)
+        start += size
+    return out
+
+
+def histogram_segments_update_(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    state: HistogramState,
+    tokens_seen: torch.Tensor,
+    invalid: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    update=histogram_update_,
+) -> None:
+    """Add the rows of ``x`` to the histogram of each segment they are routed to, in place: per segment
+    exactly ``reference.histogram_update_`` of its rows (under their part of ``mask``).
+
+    Args:
+        x: non-empty float tensor ``[N, ...]``. segments: integer ``[N]`` or ``[N, k]``.
+        state: a ``HistogramState`` with a leading ``E`` dim on every tensor (range ``(E,)``, seen
+            ``(E, 4)``, exponent / origin ``(E,)``, counts ``(E, B)``).
+        tokens_seen: int64 ``(E,)``; invalid: int64 ``()`` (as in ``SegmentState``).
+        mask: ``None``, or a bool tensor of the leading dims of ``x``.
+        update: the per-segment update (``ops`` passes the kernels' on CUDA).
+
+    Raises:
+        ValueError: on the CPU, routing entries outside ``[0, E)`` (nothing changes).
+    """
+    num_segments = tokens_seen.shape[0]
+    check_routing_values(segments, num_segments)
+    kept = _kept_rows(x, mask)
+    for e, rows in enumerate(routed_rows(segments, num_segments)):
+        if rows is None:
+            continue
+        part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+        update(x.index_select(0, rows), HistogramState(*(t[e] for t in state)), mask=part)
+        tokens_seen[e] += kept.index_select(0, rows).sum()
+    invalid.add_(routing(segments, num_segments)[1])

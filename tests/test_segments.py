@@ -1,0 +1,272 @@
+"""Segmented observation (MoE experts): ``obs(x, segments=idx, num_segments=E)``.
+
+The oracle: per segment ``e``, a plain observer of the same kind fed the rows routed to ``e``
+(``x[rows]`` under ``mask[rows]``) in the same batches; the segmented observer's segment ``e`` must hold
+exactly its state.
+"""
+
+import pytest
+import torch
+
+from mono_quant.core.registry import create_observer
+from mono_quant.distributed import merge_observers, merge_state_dicts
+from mono_quant.state import Seen
+
+E = 5
+KINDS = {
+    "minmax": {},
+    "moving_average": {"averaging_constant": 0.3},
+    "histogram": {"bins": 32},
+    "kl": {"bins": 32},
+    "mse": {"bins": 32},
+    "percentile": {"bins": 32},
+    "per_channel": {"ch_axis": -1},
+    "moving_average_per_channel": {"ch_axis": -1, "averaging_constant": 0.3},
+}
+REFUSED = {"amax_history": {}, "per_block": {}}
+
+
+def _routed_batches(g, dtype=torch.float32, topk=2, hidden=12, with_mask=True):
+    """Three batches of ``[N, hidden]`` rows, top-k routing (a repeated expert in a row counts once), a
+    token mask, NaN / Inf among the rows; expert 3 never gets a row, expert 4 only in the last batch."""
+    out = []
+    for n, scale in ((17, 1.0), (9, 20.0), (23, 0.05)):
+        x = (torch.randn(n, hidden, generator=g) * scale).to(dtype)
+        x[1, 2], x[2, 0] = float("nan"), float("-inf")
+        idx = torch.randint(0, 3, (n, topk), generator=g)
+        idx[0, :] = 1  # listed twice
+        if n == 23:
+            idx[5:9, 0] = 4
+        mask = (torch.rand(n, generator=g) > 0.25) if with_mask else None
+        out.append((x, idx if topk > 1 else idx[:, 0], mask))
+    return out
+
+
+def _oracle(kind, batches):
+    plain = [create_observer(kind, **KINDS[kind]) for _ in range(E)]
+    tokens = [0] * E
+    for x, idx, mask in batches:
+        routed = idx.reshape(len(x), -1)
+        for e in range(E):
+            rows = torch.nonzero((routed == e).any(1)).flatten()
+            if rows.numel() == 0:
+                continue
+            plain[e](x[rows], None if mask is None else mask[rows])
+            tokens[e] += int(rows.numel() if mask is None else mask[rows].sum())
+    return plain, tokens
+
+
+def _assert_segment_equals(obs, e: int, want) -> None:
+    got = obs.segment(e)
+    for name in obs.SEGMENT_FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        if b.numel() == 0:  # a per-channel observer that never saw a row has not sized its channels
+            fill = float("inf") if name == "running_min" else float("-inf")
+            assert bool((a == fill).all()), name
+        else:
+            assert a.shape == b.shape and torch.equal(a, b), (e, name, a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("topk, with_mask", [(1, False), (2, True), (3, True)])
+def test_every_segment_equals_a_plain_observer_of_its_rows(kind, topk, with_mask):
+    g = torch.Generator().manual_seed(1)
+    batches = _routed_batches(g, topk=topk, with_mask=with_mask)
+    obs = create_observer(kind, **KINDS[kind])
+    for x, idx, mask in batches:
+        assert obs(x, mask, segments=idx, num_segments=E) is x
+    plain, tokens = _oracle(kind, batches)
+    assert obs.num_segments == E and obs.tokens_seen.tolist() == tokens
+    assert obs.tokens_seen[3] == 0 and obs.invalid_segment_count == 0
+    for e in range(E):
+        _assert_segment_equals(obs, e, plain[e])
+    assert obs.nonfinite_count == sum(p.nonfinite_count for p in plain)
+    assert obs.masked_count == sum(p.masked_count for p in plain)
+    with pytest.raises(RuntimeError, match=r"segments 3\b"):  # expert 3 saw nothing
+        obs.calculate_qparams()
+
+
+@pytest.mark.parametrize("kind", ["minmax", "histogram", "per_channel"])
+def test_qparams_are_stacked_per_segment(kind):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 6, generator=g)
+    idx = torch.arange(40) % 4
+    obs = create_observer(kind, **KINDS[kind])
+    obs(x, segments=idx, num_segments=4)
+    scale, zp = obs.calculate_qparams()
+    assert scale.shape == ((4,) if kind != "per_channel" else (4, 6))
+    for e in range(4):
+        want = create_observer(kind, **KINDS[kind])
+        want(x[idx == e])
+        ws, wz = want.calculate_qparams()
+        assert torch.equal(scale[e], ws) and torch.equal(zp[e], wz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["minmax", "per_channel", "histogram"])
+def test_half_precision_and_3d_rows(dtype, kind):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 5, generator=g).to(dtype)  # rows of [3, 5]
+    x[0, 1, 1] = float("nan")
+    idx = torch.tensor([0, 1, 1, 2, 0, 2, 1])
+    mask = torch.rand(7, 3, generator=g) > 0.3  # a mask deeper than the rows
+    obs = create_observer(kind, **KINDS[kind])
+    obs(x, mask, segments=idx, num_segments=3)
+    for e in range(3):
+        want = create_observer(kind, **KINDS[kind])
+        want(x[idx == e], mask[idx == e])
+        _assert_segment_equals(obs, e, want)
+
+
+# --- state: save, load, reset, merge --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_state_dict_round_trip_and_reset(kind):
+    g = torch.Generator().manual_seed(4)
+    obs = create_observer(kind, **KINDS[kind])
+    for x, idx, mask in _routed_batches(g):
+        obs(x, mask, segments=idx, num_segments=E)
+    fresh = create_observer(kind, **KINDS[kind])
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.num_segments == E
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), obs.state_dict().values()))
+    back = create_observer(kind, **KINDS[kind])
+    back(torch.randn(3, 12))
+    back.load_state_dict(obs.state_dict())  # a plain observer takes a segmented state
+    assert back.num_segments == E
+    plain = create_observer(kind, **KINDS[kind])
+    plain(torch.randn(3, 12))
+    obs.load_state_dict(plain.state_dict())  # and back
+    assert obs.num_segments is None and torch.equal(obs.running_max, plain.running_max)
+    fresh.reset()
+    assert fresh.num_segments is None and "tokens_seen" not in fresh.state_dict()
+    fresh(torch.randn(2, 12))  # plain again
+
+
+def test_a_broken_segmented_state_is_refused():
+    obs = create_observer("histogram", bins=16)
+    obs(torch.randn(8, 3), segments=torch.arange(8) % 2, num_segments=2)
+    sd = obs.state_dict()
+    sd["counts"] = sd["counts"].clone()
+    sd["counts"][1, 0] += 1
+    with pytest.raises(ValueError, match="counts"):
+        create_observer("histogram", bins=16).load_state_dict(sd)
+    sd = obs.state_dict()
+    sd["tokens_seen"] = torch.tensor([-1, 3])
+    with pytest.raises(ValueError, match="tokens_seen"):
+        create_observer("histogram", bins=16).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_merge_is_exact_with_experts_empty_on_one_side(kind):
+    g = torch.Generator().manual_seed(5)
+    batches = _routed_batches(g)
+    whole, first, last, blank = (create_observer(kind, **KINDS[kind]) for _ in range(4))
+    for i, (x, idx, mask) in enumerate(batches):
+        whole(x, mask, segments=idx, num_segments=E)
+        (first if i < 2 else last)(x, mask, segments=idx, num_segments=E)
+    ema = "moving_average" in kind
+    merged = merge_observers([last] if ema else [first, last, blank])
+    want = last if ema else whole  # an EMA merges exactly where one source saw the segment
+    for key, value in want.state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value), key
+    assert blank.num_segments is None  # the sources stay as they were
+    again = merge_state_dicts(create_observer(kind, **KINDS[kind]), [first.state_dict(), last.state_dict()])
+    assert torch.equal(again.tokens_seen, whole.tokens_seen)
+    if not ema:
+        assert torch.equal(again.seen, whole.seen) and torch.equal(again.running_min, whole.running_min)
+
+
+def test_merge_refuses_other_segment_counts_and_plain_data():
+    a, b, c = (create_observer("minmax") for _ in range(3))
+    a(torch.randn(4, 2), segments=torch.zeros(4, dtype=torch.int64), num_segments=2)
+    b(torch.randn(4, 2), segments=torch.zeros(4, dtype=torch.int64), num_segments=3)
+    c(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="2 segments in one rank or source and 3"):
+        merge_observers([a, b])
+    with pytest.raises(ValueError, match="without segments"):
+        merge_observers([a, c])
+
+
+# --- bad input: clear errors, nothing changed -----------------------------------------------------------
+
+
+def _state(obs):
+    return {k: v.clone() for k, v in obs.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"segments": torch.tensor([0, 1, 5, 2]), "num_segments": 3}, ValueError, r"\[0, 3\).*got 5"),
+        ({"segments": torch.tensor([0, -1, 1, 2]), "num_segments": 3}, ValueError, "got -1"),
+        ({"segments": torch.tensor([0, 1, 1, 2]), "num_segments": 4}, ValueError, "3 segments"),
+        ({"segments": torch.tensor([0, 1, 1]), "num_segments": 3}, ValueError, r"\[N\] or \[N, k\]"),
+        ({"segments": torch.zeros(4, 1, 1, dtype=torch.int64), "num_segments": 3}, ValueError, "N = x"),
+        ({"segments": torch.tensor([0.0, 1, 1, 2]), "num_segments": 3}, TypeError, "integer tensor"),
+        ({"segments": [0, 1, 1, 2], "num_segments": 3}, TypeError, "list"),
+        ({"segments": torch.tensor([0, 1, 1, 2])}, ValueError, "together"),
+        ({"segments": torch.tensor([0, 1, 1, 2]), "num_segments": 0}, ValueError, "positive int"),
+        ({"segments": torch.tensor([0, 1, 1, 2], device="meta"), "num_segments": 3}, ValueError, "meta"),
+        ({}, ValueError, "is segmented"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["minmax", "histogram", "per_channel"])
+def test_bad_segments_are_refused_before_any_change(kind, kwargs, error, words):
+    obs = create_observer(kind, **KINDS[kind])
+    x = torch.randn(4, 6)
+    obs(x, segments=torch.tensor([0, 1, 2, 2]), num_segments=3)
+    before = _state(obs)
+    with pytest.raises(error, match=words):
+        obs(x * 10, **kwargs)
+    after = obs.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_segments_after_plain_data_and_the_rows_axis_are_refused():
+    obs = create_observer("minmax")
+    obs(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="without segments"):
+        obs(torch.randn(3, 2), segments=torch.zeros(3, dtype=torch.int64), num_segments=2)
+    pc = create_observer("per_channel", ch_axis=0)
+    with pytest.raises(ValueError, match="rows' axis"):
+        pc(torch.randn(3, 2), segments=torch.zeros(3, dtype=torch.int64), num_segments=2)
+    assert pc.num_segments is None
+    pc = create_observer("per_channel", ch_axis=-1)
+    pc(torch.randn(3, 2), segments=torch.zeros(3, dtype=torch.int64), num_segments=2)
+    with pytest.raises(ValueError, match="2 channels"):
+        pc(torch.randn(3, 4), segments=torch.zeros(3, dtype=torch.int64), num_segments=2)
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_kinds_without_segments_say_so(kind):
+    obs = create_observer(kind, **REFUSED[kind])
+    with pytest.raises(NotImplementedError, match="does not observe segments"):
+        obs(torch.randn(4, 32), segments=torch.zeros(4, dtype=torch.int64), num_segments=2)
+    assert int(obs.seen.sum()) == 0
+
+
+def test_empty_rows_fix_the_segments_and_change_nothing_else():
+    obs = create_observer("minmax")
+    obs(torch.empty(0, 8), segments=torch.empty(0, dtype=torch.int64), num_segments=4)
+    assert obs.num_segments == 4 and obs.tokens_seen.tolist() == [0] * 4
+    assert int(obs.seen.sum()) == 0
+
+
+def test_the_torch_twin_counts_outside_entries_where_it_cannot_raise():
+    from mono_quant import reference_segments
+    from mono_quant.state import SegmentState
+
+    state = SegmentState.empty(3)
+    x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    idx = torch.tensor([[0, 7], [1, 1], [-2, 2]])
+    slots, outside = reference_segments.routing(idx, 3)
+    assert slots.tolist() == [[0, 3], [1, 3], [3, 2]] and int(outside) == 2
+    with pytest.raises(ValueError, match="got 7"):
+        reference_segments.minmax_segments_update_(x, idx, state)
+    assert int(state.seen.sum()) == 0
+    ok = torch.tensor([[0, 2], [1, 1], [2, 0]])
+    reference_segments.minmax_segments_update_(x, ok, state)
+    assert state.running_min.tolist() == [0.0, 2.0, 0.0] and state.running_max.tolist() == [5.0, 3.0, 5.0]
+    assert state.seen[:, Seen.FINITE].tolist() == [4, 2, 4] and state.tokens_seen.tolist() == [2, 1, 2]
