@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 import mono_quant as mq
 from mono_quant.calibration.experts import empty_segments
-
-pytest.importorskip("transformers")  # the MoE model of the run_calibration scenario
 
 SPAWN_TIMEOUT_S = 90
 E, H, WORLD = 4, 6, 2
@@ -56,14 +56,47 @@ def _snapshot(obs) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in obs.state_dict().items() if k != "_extra_state"}
 
 
+class Experts(nn.Module):
+    """Fused experts on transformers' template (stacked ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
+    ``forward(hidden_states, top_k_index, top_k_weights)``), without transformers: the ranks start fast."""
+
+    def __init__(self, inter: int = 8):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * inter, H))
+        self.down_proj = nn.Parameter(torch.randn(E, H, inter))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(E):
+            rows, pos = torch.where(top_k_index == e)
+            gate, up = F.linear(hidden_states[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down_proj[e]) * top_k_weights[rows, pos, None]
+            out.index_add_(0, rows, y)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.emb = nn.Embedding(64, H)
+        self.router = nn.Linear(H, E)
+        self.experts = Experts()
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids).reshape(-1, H)
+        logits = self.router(h)
+        logits[:, 3] = float("-inf")  # expert 3 is never picked
+        weights, index = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+        return self.experts(h, index, weights)
+
+
 def _moe_calibration(rank: int):
     """run_calibration(sync=True) of a tiny MoE model: rank 0 sees 4 batches, rank 1 none at all."""
-    from test_experts import MoENet  # tests/ is on sys.path (pytest's rootdir conftest), also in the ranks
-
-    model = MoENet()
     g = torch.Generator().manual_seed(4)
-    batches = [{"input_ids": torch.randint(1, 64, (2, 5), generator=g)} for _ in range(4)]
-    return mq.run_calibration(model, batches if rank == 0 else [], "histogram", sync=True, progress=False)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 5), generator=g)} for _ in range(4)]
+    return mq.run_calibration(MoE(), batches if rank == 0 else [], "histogram", sync=True, progress=False)
 
 
 def _rank(rank: int) -> dict:
@@ -139,12 +172,13 @@ def test_sync_with_empty_experts_is_exact(ranks, kind):
 
 def test_run_calibration_sync_when_one_rank_saw_nothing(ranks):
     want = _moe_calibration(0)  # one process: the same data, no process group (sync is a no-op)
-    layers = ["moe.experts.gate_up_proj", "moe.experts.down_proj"]
-    assert set(layers) <= set(want)
+    layers = ["experts.gate_up_proj", "experts.down_proj"]
+    assert set(layers) <= set(want) and want.empty_experts() == dict.fromkeys(layers, [3])
+    shared = want.qparams(empty="share")
     for rank, out in enumerate(ranks):
         for name, obs in want.items():
             got, ref = out["calibration"][name], _snapshot(obs)
             for key in ref:
                 assert torch.equal(got[key], ref[key]), f"rank {rank} {name} {key}"
-        for layer, (scale, zp) in want.qparams(empty="share").items():
+        for layer, (scale, zp) in shared.items():
             assert torch.equal(out["share"][layer][0], scale) and torch.equal(out["share"][layer][1], zp)
