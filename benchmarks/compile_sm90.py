@@ -26,6 +26,7 @@ from mono_quant.kernels import fake_quant as kfq  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
+from mono_quant.kernels import segments as ks  # noqa: E402
 from mono_quant.kernels._common import launch_options  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -36,6 +37,17 @@ PTXAS = next(
     p for p in (os.path.join(_BIN, "ptxas-blackwell"), os.path.join(_BIN, "ptxas")) if os.path.exists(p)
 )
 P32, P64, PX = "*fp32", "*i64", "*bf16"
+# the token-mask arguments (issue 15) of every kernel that reads a mask, and their off / on constexprs
+MASK_ARGS = {"keep_ptr": "*u8", "keep_div": "i64", "num_keep": "i32", "masked": "i64"}
+MASK_OFF = {"HAS_MASK": False, "MASK": 0}
+
+
+def _complete(fn, sig: dict, consts: dict) -> tuple[dict, dict]:
+    """``sig`` and ``consts`` with the token-mask arguments ``fn`` takes (off unless ``consts`` says), in
+    ``fn``'s argument order."""
+    consts = {**{k: v for k, v in MASK_OFF.items() if k in fn.arg_names}, **consts}
+    full = {**MASK_ARGS, **sig, **{k: "constexpr" for k in consts}}
+    return {k: full[k] for k in fn.arg_names if k in full}, consts
 
 
 def _cases():
@@ -60,6 +72,10 @@ def _cases():
     )
     cconsts = {"BLOCK_S": 16, "BLOCK_C": 128, "EMA": True}
     yield "channel_finalize", kmm._channel_finalize_kernel, cfin, cconsts, 4
+    # the masked variants of the hot loops (a token mask read beside x)
+    yield "minmax_partial_masked", kmm._partial_kernel, part, {"BLOCK": 4096, "HAS_MASK": True}, 8
+    yield "rows_partial_masked", kmm._rows_partial_kernel, rows, {"BLOCK_R": 32, "BLOCK_C": 128, "MASK": 1}, 8
+    yield from _segment_cases()
     yield from _one_launch_cases()
     yield from _training_cases()
     yield from block_cases()
@@ -144,7 +160,7 @@ def _check_histograms(target) -> bool:
     print(f"histogram kernels, triton {triton.__version__}, counters on CUDA: {kbin_smem.COUNTERS_ON_GPU}")
     per_thread = khist.PASS_BLOCK // (32 * 8)  # a tile's elements per thread at 8 warps
     for name, fn, sig, consts, warps, bodies, strict in _hist_cases():
-        sig = dict(sig, **{k: "constexpr" for k in consts})
+        sig, consts = _complete(fn, sig, consts)
         aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(fn.arg_names) if sig[k][0] == "*"}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)  # as torch allocates
         kernel = triton.compile(src, target=target, options=launch_options(warps))
@@ -253,6 +269,18 @@ def block_cases():
                 yield tag, kb._fq_tiles_kernel, fq_tiles, {**consts, "SUB": kb.TILE // k}, 8
 
 
+def _segment_cases():
+    """The segmented min/max kernel (MoE experts), per tensor and per channel, plain and masked."""
+    sig = {"x_ptr": PX, "seg_ptr": P64, "smin_ptr": P32, "smax_ptr": P32, "scnt_ptr": P64,
+           "ticket_ptr": "*i32", "rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64, "tokens_ptr": P64,
+           "invalid_ptr": P64, "N": "i32", "OUTER": "i32", "C": "i32", "INNER": "i32", "K": "i32", "E": "i32",
+           "c": "fp32"}  # fmt: skip
+    for tag, block_c, block_i in (("tensor", 1, ks.BLOCK), ("channels", 128, ks.BLOCK // 128)):
+        for mask in (False, True):
+            consts = {"BLOCK_C": block_c, "BLOCK_I": block_i, "BLOCK_F": 1024, "EMA": True, "HAS_MASK": mask}
+            yield f"segments_{tag}{'_masked' if mask else ''}", ks._segments_kernel, sig, consts, 4
+
+
 def _aligned(sig: dict, *ints: str) -> dict:
     """The ``attrs`` of a launch on 16-byte aligned tensors: every pointer, and the integers ``ints``,
     divisible by 16, as the JIT specializes them (without it the compile shows scalar loads that no
@@ -313,7 +341,7 @@ def main() -> int:
     spilled = False
     for name, fn, sig, consts, warps, *aligned in _cases():
         attrs, needles = aligned or ({}, ())
-        sig = dict(sig, **{k: "constexpr" for k in consts})
+        sig, consts = _complete(fn, sig, consts)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         kernel = triton.compile(src, target=target, options=launch_options(warps))
         if "fma." in kernel.asm["ptx"]:

@@ -27,3 +27,9 @@ __all__ += ["amax_history_fake_quantize_", "observe_fake_quantize_"]
 from .blocks import block_amax_update_, block_fake_quantize  # noqa: E402
 
 __all__ += ["block_amax_update_", "block_fake_quantize"]
+
+
+# segmented observation (MoE experts, issue 15)
+from .segments import minmax_segments_update_  # noqa: E402
+
+__all__ += ["minmax_segments_update_"]

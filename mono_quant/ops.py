@@ -277,7 +277,6 @@ def minmax_segments_update_(
     """See ``mono_quant.reference_segments.minmax_segments_update_``; ``backend`` as in
     ``resolve_backend`` (the kernel: ``mono_quant.kernels.segments``, one launch per call)."""
     impl = reference_segments if resolve_backend(x, backend) == "torch" else _kernels()
-    impl = impl if hasattr(impl, "minmax_segments_update_") else reference_segments
     impl.minmax_segments_update_(x, segments, state, averaging_constant, ch_axis=ch_axis, mask=mask)
 
 

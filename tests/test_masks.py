@@ -236,7 +236,7 @@ def test_kernels_equal_the_torch_twin_under_masks(kind, kwargs, dtype, shape):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("strategy", ["histc", "atomic"])
+@pytest.mark.parametrize("strategy", ["histc", "atomic", "tl_histogram", "smem_rows", "smem_atomic"])
 def test_histogram_binnings_read_the_mask(strategy):
     pytest.importorskip("triton")
     from mono_quant.kernels import histogram as khist

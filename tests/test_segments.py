@@ -270,3 +270,81 @@ def test_the_torch_twin_counts_outside_entries_where_it_cannot_raise():
     reference_segments.minmax_segments_update_(x, ok, state)
     assert state.running_min.tolist() == [0.0, 2.0, 0.0] and state.running_max.tolist() == [5.0, 3.0, 5.0]
     assert state.seen[:, Seen.FINITE].tolist() == [4, 2, 4] and state.tokens_seen.tolist() == [2, 1, 2]
+
+
+# --- the kernel under the interpreter against the torch twin ----------------------------------------------
+
+INTERP = [
+    ("minmax", {}, (13, 7)),
+    ("moving_average", {"averaging_constant": 0.3}, (9, 3, 5)),
+    ("per_channel", {"ch_axis": -1}, (11, 6)),
+    ("per_channel", {"ch_axis": 1}, (7, 3, 4)),
+    ("moving_average_per_channel", {"ch_axis": -1, "averaging_constant": 0.3}, (10, 129)),
+    ("histogram", {"bins": 16}, (12, 5)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind, kwargs, shape", INTERP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_equals_the_torch_twin(kind, kwargs, shape, dtype):
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(8)
+    tri = create_observer(kind, backend="triton", **kwargs)
+    ref = create_observer(kind, backend="torch", **kwargs)
+    for step in range(2):
+        x = (torch.randn(*shape, generator=g) * (1 + 5 * step)).to(dtype)
+        x.view(-1)[::13] = float("nan")
+        x.view(-1)[4::17] = float("inf")
+        idx = torch.randint(0, 4, (shape[0], 2), generator=g)
+        idx[0] = 1
+        mask = torch.rand(shape[:1], generator=g) > 0.3
+        tri(x, mask, segments=idx, num_segments=E)
+        ref(x, mask, segments=idx, num_segments=E)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(tri.state_dict()[key], value), key
+    assert int(ref.tokens_seen[4]) == 0 and int(ref.seen[:, Seen.NONFINITE].sum()) > 0
+
+
+@pytest.mark.interpreter
+def test_kernel_drops_and_counts_outside_entries_and_keeps_its_scratch_blank():
+    pytest.importorskip("triton")
+    from mono_quant.kernels import segments as ks
+
+    from mono_quant import reference_segments
+    from mono_quant.state import SegmentState
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 4, generator=g)
+    idx = torch.tensor([[0, 7], [1, -1], [2, 2], [0, 1], [3, 9], [1, 0]])
+    same = torch.tensor([[0, 0], [1, 1], [2, 2], [0, 1], [3, 3], [1, 0]])  # outside -> a repeat (dropped)
+    got, want = SegmentState.empty(4, (4,)), SegmentState.empty(4, (4,))
+    ks.minmax_segments_update_(x, idx, got, 0.5, ch_axis=-1)
+    reference_segments.minmax_segments_update_(x, same, want, 0.5, ch_axis=-1)
+    for name in ("running_min", "running_max", "seen", "tokens_seen"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert int(got.invalid) == 3
+    smin, smax, scnt, ticket = ks._scratch(x.device, 4, 4)
+    assert bool((smin == float("inf")).all() and (smax == float("-inf")).all())
+    assert not bool(scnt.any()) and int(ticket) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["minmax", "moving_average", "per_channel"])
+def test_segmented_forward_is_sync_free_and_matches_the_twin_on_cuda(kind):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(4096, 256, generator=g).to("cuda", torch.bfloat16)
+    idx = torch.randint(0, 8, (4096, 2), generator=g).cuda()
+    mask = (torch.rand(4096, generator=g) > 0.1).cuda()
+    obs = create_observer(kind, **KINDS[kind]).cuda()
+    ref = create_observer(kind, backend="torch", **KINDS[kind]).cuda()
+    obs(x, mask, segments=idx, num_segments=8)  # the first call allocates the scratch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        obs(x, mask, segments=idx, num_segments=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for _ in range(2):
+        ref(x, mask, segments=idx, num_segments=8)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(obs.state_dict()[key].cpu(), value.cpu()), key

@@ -12,8 +12,10 @@ host read: check ``obs.invalid_segment_count`` after calibration). Segment ``e``
 state a plain observer of the same kind would hold after seeing the rows routed to ``e``
 (``segment(e)`` returns that observer). ``reset()`` forgets ``E`` too.
 
-Segmented kinds: MinMax, moving average, per-channel (``ch_axis`` not 0) and moving-average per-channel,
-histogram (every method). The amax history and the block observer refuse (``NotImplementedError``).
+Segmented kinds: MinMax, moving average, per-channel (``ch_axis`` not 0) and moving-average per-channel
+(on CUDA one kernel launch a call, ``mono_quant.kernels.segments``, no host read), histogram (every method;
+per segment the histogram update of its rows: the routing is read on the host, one sync a call on CUDA).
+The amax history and the block observer refuse (``NotImplementedError``).
 """
 
 from __future__ import annotations
