@@ -388,3 +388,17 @@ def test_observers_without_segments_refuse_experts_before_the_model_runs(kind):
     ):
         mq.run_calibration(model, [torch.randint(0, V, (1, 4))], kind, progress=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_every_layer_of_a_hugging_face_moe_model_is_masked(make):
+    # [batch, seq, hidden] inputs of the attention and lm_head, [batch * seq, hidden] of the experts, the
+    # router-free shared expert and its gate: all under the attention mask
+    model = make()
+    batch = _batches(1)[0]
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, :3] = 0  # left padding of the first sequence
+    result = mq.run_calibration(model, [batch], progress=False)
+    assert result.unmasked_layers() == [] and result.masked_layers() == list(result)
+    for layer in _layers(model):
+        assert sum(result[layer].tokens_seen.tolist()) == (2 * 9 - 3) * K
