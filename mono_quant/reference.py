@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mono_quant.grid import canonical_grid, floor_scaled, regrid
-from mono_quant.rows import FILTER_CHUNK, keep_view, masked_values, pieces
+from mono_quant.rows import FILTER_CHUNK, keep_view, kept_rows, masked_values, pieces
 from mono_quant.state import HistogramState, RangeState
 
 __all__ = [
@@ -91,6 +91,20 @@ def _finite_minmax_filtered(
     return mn, mx, bad
 
 
+def _finite_minmax_masked(x: torch.Tensor, mask: torch.Tensor):
+    """``finite_minmax`` of the values under ``mask``: on the CPU the kept rows in gathered pieces through
+    the unmasked fast path, elsewhere by filtering in place (no host read)."""
+    kept = kept_rows(x, mask)
+    if kept is None:
+        return _finite_minmax_filtered(x, mask)
+    inf = torch.full((), float("inf"), dtype=torch.float32)
+    mn, mx, bad = inf, -inf, torch.zeros((), dtype=torch.int64)
+    for piece in kept:
+        a, b, c = finite_minmax(piece)
+        mn, mx, bad = torch.minimum(mn, a), torch.maximum(mx, b), bad + c
+    return mn, mx, bad
+
+
 def finite_minmax_per_channel(
     x: torch.Tensor, ch_axis: int, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,6 +119,15 @@ def finite_minmax_per_channel(
         float32 ``(C,)``, int64 ``()``.
     """
     axis = ch_axis % x.dim()
+    kept = None if mask is None or axis < mask.dim() else kept_rows(x, mask)
+    if kept is not None:  # CPU, channels inside the rows: the kept rows through the unmasked path
+        shift = axis - mask.dim() + 1
+        mn = torch.full((x.shape[axis],), float("inf"))
+        mx, bad = torch.full_like(mn, float("-inf")), torch.zeros((), dtype=torch.int64)
+        for piece in kept:
+            a, b, c = finite_minmax_per_channel(piece, shift)
+            mn, mx, bad = torch.minimum(mn, a), torch.maximum(mx, b), bad + c
+        return mn, mx, bad
     if mask is not None:
         return _finite_minmax_per_channel_filtered(x.movedim(axis, -1), keep_view(x, mask).movedim(axis, -1))
     dims = [d for d in range(x.dim()) if d != axis]
@@ -235,7 +258,7 @@ def minmax_update_(
     """
     x = _float32_values(x)
     if mask is not None:
-        mn, mx, bad = _finite_minmax_filtered(x, mask)
+        mn, mx, bad = _finite_minmax_masked(x, mask)
         _update_range_(state, mn, mx, averaging_constant)
         _count_(state.seen, x.numel(), bad, masked_values(x, mask))
         return
@@ -282,7 +305,7 @@ def histogram_update_(x: torch.Tensor, state: HistogramState, *, mask: torch.Ten
     num_bins = counts.shape[0]
     x = _float32_values(x)
     host = _may_branch(x)
-    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_filtered(x, mask)
+    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_masked(x, mask)
     # the grid is a function of the range: on CPU, a batch inside the range seen skips the grid work
     grows = not host or mn.item() < state.running_min.item() or mx.item() > state.running_max.item()
     if grows:
@@ -300,11 +323,14 @@ def histogram_update_(x: torch.Tensor, state: HistogramState, *, mask: torch.Ten
         offset = origin.to(torch.float32)
     # x * 2**-e underflows only for a coarse grid (e > 0); on CPU the fix-up pass is skipped otherwise
     fix_underflow = not host or e > 0
-    all_finite = host and int(bad) == 0 and mask is None
     step = BIN_CHUNK if host else CHUNK
+    kept = None if mask is None else kept_rows(x, mask, step)
+    all_finite = host and int(bad) == 0 and (mask is None or kept is not None)
     if mask is None:
         flat = x.reshape(-1)
         work = ((c, None) for c in ((flat,) if flat.numel() <= step else flat.split(step)))
+    elif kept is not None:  # CPU: the kept rows, gathered in pieces
+        work = ((c, None) for p in kept for c in p.reshape(-1).split(step))
     else:  # pieces of x and of the mask broadcast to it (views), each flattened (bounded copies)
         work = ((p.reshape(-1), k.reshape(-1)) for p, k, _ in pieces(x, keep_view(x, mask), step))
     for chunk, keep in work:
@@ -370,7 +396,7 @@ def amax_history_update_(
     """
     x = _float32_values(x)
     masked = 0 if mask is None else masked_values(x, mask)
-    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_filtered(x, mask)
+    mn, mx, bad = finite_minmax(x) if mask is None else _finite_minmax_masked(x, mask)
     _update_range_(state.range, mn, mx, None)
     _count_(state.seen, x.numel(), bad, masked)
     hist, scale = state.amax_history, state.scale

@@ -12,8 +12,10 @@ CPU that is an error first (``ValueError``, nothing changed), on CUDA nothing re
 
 The min/max update (``minmax_segments_update_``) is the kernel's twin: per-row finite min / max and counts
 in pieces of rows (bounded temporaries, no copy of ``x``), then one scatter per routing column into
-``E + 1`` slots. The histogram update (``histogram_segments_update_``) runs the plain histogram update per
-segment on the rows routed to it: it reads the routing on the host (one sync per call on CUDA).
+``E + 1`` slots, sync-free; on the CPU, where reading the routing costs nothing, the plain update of each
+segment's rows (gathered), exactly the same result. The histogram update (``histogram_segments_update_``)
+runs the plain histogram update per segment on the rows routed to it: it reads the routing on the host
+(one sync per call on CUDA).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from mono_quant.reference import (
     _may_branch,
     _update_range_,
     histogram_update_,
+    minmax_per_channel_update_,
+    minmax_update_,
 )
 from mono_quant.rows import FILTER_CHUNK, keep_view
 from mono_quant.state import HistogramState, RangeState, SegmentState
@@ -95,13 +99,13 @@ def _row_stats(x: torch.Tensor, mask: torch.Tensor | None, ch_axis: int | None):
         piece = v[s]
         lead = tuple(range(1, piece.dim() - (ch_axis is not None)))  # all but the row (and channel) dims
         all_dims = tuple(range(1, piece.dim()))
+        total = piece[0].numel()
         finite = torch.isfinite(piece)
         ok = finite if k is None else finite & k[s]
         t = torch.where(ok, piece, inf)
         mn[s] = (t.amin(dim=lead) if lead else t).float()
         torch.where(ok, piece, -inf, out=t)
         mx[s] = (t.amax(dim=lead) if lead else t).float()
-        total = piece[0].numel()
         kept = ok.sum(all_dims) if all_dims else ok.to(torch.int64)
         if k is None:
             kept_all = torch.full_like(kept, total)
@@ -142,9 +146,22 @@ def minmax_segments_update_(
     """
     num_segments = state.tokens_seen.shape[0]
     check_routing_values(segments, num_segments)
+    axis = None if ch_axis is None else ch_axis % x.dim()
+    if _may_branch(x):  # CPU: per segment, the plain update of its rows (reading the routing costs nothing)
+        kept = _kept_rows(x, mask)
+        for e, rows in enumerate(routed_rows(segments, num_segments)):
+            if rows is None:
+                continue
+            part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+            sub = RangeState(state.running_min[e], state.running_max[e], state.seen[e])
+            if axis is None:
+                minmax_update_(x.index_select(0, rows), sub, averaging_constant, mask=part)
+            else:
+                minmax_per_channel_update_(x.index_select(0, rows), axis, sub, averaging_constant, mask=part)
+            state.tokens_seen[e] += kept.index_select(0, rows).sum()
+        return
     x = _float32_values(x)
     slots, outside = routing(segments, num_segments)
-    axis = None if ch_axis is None else ch_axis % x.dim()
     mn, mx, counts = _row_stats(x, mask, axis)
     per_row = torch.cat([counts, _kept_rows(x, mask)[:, None]], 1)  # finite, non-finite, masked, token
     seg_min = torch.full((num_segments + 1, *mn.shape[1:]), float("inf"), device=x.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FILTER_CHUNK", "keep_view", "masked_values", "pieces"]
+__all__ = ["FILTER_CHUNK", "keep_view", "kept_rows", "masked_values", "pieces"]
 
 # Elements per piece of the non-finite filtering: a filtered copy, the mask and isfinite's own
 # temporaries take about 13 bytes a value, so 13 MiB whatever the tensor size.
@@ -22,6 +22,22 @@ FILTER_CHUNK = 1 << 20
 def keep_view(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``mask`` broadcast to the shape of ``x``: a view (stride 0 over the dims it does not cover)."""
     return mask.reshape(*mask.shape, *(1,) * (x.dim() - mask.dim())).expand(x.shape)
+
+
+def kept_rows(x: torch.Tensor, mask: torch.Tensor, limit: int = FILTER_CHUNK):
+    """On the CPU, the values of the kept mask entries as pieces ``[k, *x.shape[mask.dim():]]`` (copies of
+    at most about ``limit`` values each, gathered from the view ``[M, *inner]`` of ``x``), for the unmasked
+    fast paths; ``None`` where ``x`` has no such view or is not on the CPU (the callers filter in place)."""
+    if x.device.type != "cpu":
+        return None
+    inner = x.shape[mask.dim() :]
+    try:
+        rows = x.view(mask.numel(), *inner)
+    except RuntimeError:
+        return None
+    idx = torch.nonzero(mask.reshape(-1)).flatten()
+    step = max(limit // max(rows[0].numel() if rows.shape[0] else 1, 1), 1)
+    return (rows.index_select(0, idx[s : s + step]) for s in range(0, idx.numel(), step))
 
 
 def masked_values(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | int:

@@ -251,3 +251,21 @@ def test_histogram_binnings_read_the_mask(strategy):
         reference.histogram_update_(x, want, mask=mask)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind, kwargs", INTERP)
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_kernels_read_masks_of_any_depth(kind, kwargs, depth):
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(19)
+    shape = (3, 6, 64)
+    x = torch.randn(*shape, generator=g)
+    x.view(-1)[::23] = float("nan")
+    mask = torch.rand(shape[:depth], generator=g) > 0.5 if depth else torch.tensor(True)
+    tri = create_observer(kind, backend="triton", **kwargs)
+    ref = create_observer(kind, backend="torch", **kwargs)
+    tri(x, mask)
+    ref(x, mask)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(tri.state_dict()[key], value), key

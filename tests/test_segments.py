@@ -348,3 +348,38 @@ def test_segmented_forward_is_sync_free_and_matches_the_twin_on_cuda(kind):
         ref(x, mask, segments=idx, num_segments=8)
     for key, value in ref.state_dict().items():
         assert torch.equal(obs.state_dict()[key].cpu(), value.cpu()), key
+
+
+@pytest.mark.parametrize("ch_axis, c", [(None, None), (None, 0.3), (-1, None), (1, 0.3)])
+def test_the_sync_free_twin_equals_the_per_segment_path(ch_axis, c, monkeypatch):
+    from mono_quant import reference_segments
+    from mono_quant.state import SegmentState
+
+    g = torch.Generator().manual_seed(12)
+    shape = (15, 3, 4)
+    cpu, free = (SegmentState.empty(E, () if ch_axis is None else (shape[ch_axis],)) for _ in range(2))
+    batches = []
+    for step in range(2):
+        x = torch.randn(*shape, generator=g) * (1 + step)
+        x.view(-1)[::11] = float("nan")
+        idx = torch.randint(0, 4, (shape[0], 2), generator=g)
+        batches.append((x, idx, torch.rand(shape[:2], generator=g) > 0.3))
+    for x, idx, mask in batches:
+        reference_segments.minmax_segments_update_(x, idx, cpu, c, ch_axis=ch_axis, mask=mask)
+    monkeypatch.setattr(reference_segments, "_may_branch", lambda t: False)  # the CUDA path, on the CPU
+    for x, idx, mask in batches:
+        reference_segments.minmax_segments_update_(x, idx, free, c, ch_axis=ch_axis, mask=mask)
+    for a, b in zip(cpu, free, strict=True):
+        assert torch.equal(a, b)
+    reference_segments.minmax_segments_update_(batches[0][0], torch.full((15,), 9), free, c, ch_axis=ch_axis)
+    assert int(free.invalid) == 15 and torch.equal(free.seen, cpu.seen)
+
+
+def test_a_segmented_histogram_gives_edges_per_segment():
+    obs = create_observer("histogram", bins=8)
+    x = torch.tensor([[0.5], [3.0], [-2.0], [1.0]])
+    obs(x, segments=torch.tensor([0, 1, 1, 0]), num_segments=2)
+    with pytest.raises(ValueError, match="segment"):
+        _ = obs.bin_edges
+    edges = obs.segment(1).bin_edges
+    assert float(edges[0]) <= -2.0 and float(edges[-1]) > 3.0

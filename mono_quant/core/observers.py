@@ -227,7 +227,13 @@ class HistogramObserver(ObserverBase):
 
     @property
     def bin_edges(self) -> torch.Tensor | None:
-        """float64 edges (``len(histogram_counts) + 1``, exact); ``None`` before any finite value."""
+        """float64 edges (``len(histogram_counts) + 1``, exact); ``None`` before any finite value.
+
+        Raises:
+            ValueError: a segmented observer (each segment has its grid: ``segment(e).bin_edges``).
+        """
+        if self.num_segments is not None:
+            raise ValueError(f"this histogram holds {self.num_segments} segments: use segment(e).bin_edges")
         if not self._has_finite():
             return None
         return bin_edges(self.exponent, self.origin, self.counts.shape[0])
