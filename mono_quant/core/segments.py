@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from mono_quant.core.checks import StateError
 from mono_quant.grid import E_MIN
 
 __all__ = [
@@ -179,8 +180,6 @@ def segmented_qparams(obs) -> tuple[torch.Tensor, torch.Tensor]:
 def check_segmented_state(obs, b: dict) -> None:
     """``check_state`` of a segmented state ``b`` (buffer name -> tensor): the segment buffers' shapes and
     counts, then every segment as a plain state."""
-    from mono_quant.core.base import StateError
-
     num = b["seen"].shape[0]
     tokens, invalid = b.get("tokens_seen"), b.get("invalid_segments")
     if tokens is None or tokens.shape != (num,) or invalid is None or invalid.shape != ():
