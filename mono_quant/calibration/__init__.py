@@ -1,6 +1,7 @@
-"""Model calibration: the engine (targets, hooks, batches) and ``run_calibration`` on it."""
+"""Model calibration: the engine (targets, hooks, batches), ``run_calibration`` on it, and MoE experts."""
 
 from mono_quant.calibration.engine import call_model, capture_inputs, layer_input, move_batch, target_modules
+from mono_quant.calibration.experts import expert_modules, expert_weight_qparams
 from mono_quant.calibration.runner import CalibrationResult, run_calibration
 from mono_quant.core.registry import ExperimentalWarning, create_observer
 
@@ -10,6 +11,8 @@ __all__ = [
     "call_model",
     "capture_inputs",
     "create_observer",
+    "expert_modules",
+    "expert_weight_qparams",
     "layer_input",
     "move_batch",
     "run_calibration",

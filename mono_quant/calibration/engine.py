@@ -160,6 +160,8 @@ def run_batches(
     max_batches: int | None = None,
     progress: bool = False,
     on_batch_end: Callable[[], None] | None = None,
+    targets: Mapping[str, nn.Module] | None = None,
+    on_batch_start: Callable[[object], None] | None = None,
 ) -> int:
     """Run ``batches`` through ``model`` with ``hook_factory(name)`` as forward pre-hook on each target layer.
 
@@ -172,6 +174,9 @@ def run_batches(
             name -> forward pre-hook ``(module, args, kwargs)``. modules: the target layer types.
         device: move each batch there first (the model is not moved). max_batches: ``None`` or >= 1.
         progress: a tqdm bar on stderr. on_batch_end: called after each batch.
+        targets: name -> module to hook, in place of ``target_modules(model, modules)`` (the caller's own
+            choice, e.g. linear layers and MoE expert modules). on_batch_start: called with each batch (moved
+            to ``device``) before the model runs on it; what it raises is passed on as it is.
 
     Returns:
         The number of batches run.
@@ -181,7 +186,8 @@ def run_batches(
         RuntimeError: the model raised on a batch (the message names the batch and how batches are fed).
     """
     check_max_batches(max_batches)
-    targets = target_modules(model, modules)
+    if targets is None:
+        targets = target_modules(model, modules)
     total = len(batches) if hasattr(batches, "__len__") else None
     if max_batches is not None:
         batches = itertools.islice(batches, max_batches)
@@ -203,8 +209,11 @@ def run_batches(
         model.eval()
         with torch.no_grad():
             for batch in batches:
+                batch = move_batch(batch, device)
+                if on_batch_start is not None:
+                    on_batch_start(batch)
                 try:
-                    call_model(model, move_batch(batch, device))
+                    call_model(model, batch)
                 except _ObserverError as e:
                     raise e.error from None
                 except Exception as e:  # the user's model and data: say which batch (and how it was fed)
