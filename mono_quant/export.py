@@ -105,6 +105,12 @@ def _why_not(format: str, obs: ObserverBase) -> str | None:
         return None
     if getattr(obs, "block_size", None) is not None:
         return f"{type(obs).__name__} gives block scales"
+    if obs.num_segments is not None:
+        return (
+            f"{type(obs).__name__} keeps {obs.num_segments} experts (segments): one scale per expert; "
+            "export them as json, or read result.qparams(empty=...) and "
+            "mono_quant.calibration.expert_weight_qparams"
+        )
     has = f"{type(obs).__name__}(dtype={dtype_name(obs.dtype)}, qscheme={obs.qscheme!r})"
     if obs.ch_axis is not None:
         return f"{has} is per channel (ch_axis={obs.ch_axis})"

@@ -268,3 +268,15 @@ def test_layers_that_saw_nothing_are_skipped(tmp_path):
     assert done.layers == {"a": "minmax"} and "b" in done.skipped
     with pytest.raises(TypeError, match="export takes a CalibrationResult"):
         mq.export([1, 2], str(tmp_path / "x"), format="json")
+
+
+def test_per_expert_observers_are_refused_before_writing(tmp_path):
+    obs = mq.MinMaxObserver(qscheme="symmetric")
+    obs(torch.randn(6, 8), segments=torch.tensor([0, 1, 2, 0, 1, 2]), num_segments=3)
+    for fmt in ("tensorrt", "safetensors"):
+        assert "keeps 3 experts" in refusal(fmt, obs)
+        path = tmp_path / f"out.{fmt}"
+        with pytest.raises(ValueError, match="keeps 3 experts") as info:
+            mq.export({"experts.gate_up_proj": obs}, str(path), format=fmt, weights=None)
+        assert "experts.gate_up_proj" in str(info.value) and not path.exists()
+    assert refusal("json", obs) is None
