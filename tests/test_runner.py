@@ -179,6 +179,20 @@ def test_a_compiled_model_is_calibrated_under_its_original_names():
     assert all(int(obs.seen[2]) == 2 for obs in result.values())
 
 
+def test_a_compiled_model_does_not_recompile_per_batch():
+    # the observers' hooks run eagerly: traced, dynamo guarded on each input's identity (shared inputs) and
+    # compiled the model again for every batch
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(TinyNet(), backend=counter)
+    run_calibration(compiled, _data(2), "histogram", progress=False)
+    frames = counter.frame_count
+    result = run_calibration(compiled, _data(6), "histogram", progress=False)
+    assert counter.frame_count == frames and all(int(obs.seen[2]) == 6 for obs in result.values())
+
+
 class FeaturesNet(nn.Module):
     """A forward that takes one dict, as sentence-transformers models do (``model(features)``)."""
 

@@ -141,13 +141,17 @@ class _ObserverError(Exception):
 
 
 def _guarded(hook: Callable) -> Callable:
+    """``hook`` with its errors marked as the observers' (not the model's), run eagerly: under
+    ``torch.compile`` dynamo would otherwise trace the observers and guard on the identity of each input
+    (shared inputs), recompiling on every batch until it gives up."""
+
     def run(*args, **kwargs):
         try:
             return hook(*args, **kwargs)
         except Exception as e:
             raise _ObserverError(e) from e
 
-    return run
+    return torch.compiler.disable(run)
 
 
 def run_batches(
