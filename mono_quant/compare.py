@@ -30,6 +30,7 @@ from mono_quant.calibration.engine import (
     run_batches,
     target_modules,
 )
+from mono_quant.calibration.runner import batch_mask, check_mask_key, layer_mask
 from mono_quant.core.base import ObserverBase
 from mono_quant.core.block_observer import PerBlockObserver
 from mono_quant.core.qparams import QuantSpec
@@ -116,6 +117,7 @@ def calibrate_observers(
     qscheme: str,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    mask_key: str | None = "attention_mask",
 ) -> tuple[dict[str, dict[str, ObserverBase]], dict[str, dict[str, float]]]:
     """Observe every target layer's input with one observer of each kind, in one pass over ``batches``.
 
@@ -124,6 +126,8 @@ def calibrate_observers(
         batches: tensors, tuples/lists (``model(*b)``) or dicts (``model(**b)``).
         kinds: observer names (``COMPARED``, or any registry name). dtype, qscheme: as for the observers.
         progress: a tqdm bar over the batches, on stderr.
+        mask_key: as for ``run_calibration``: a dict batch's ``batch[mask_key]`` (bool or 0/1) leaves the
+            padding out of every input whose leading dims it covers; ``None`` observes every token.
 
     Returns:
         ``(observers, seconds)``: ``{layer: {kind: observer}}`` and ``{layer: {kind: time spent observing}}``.
@@ -131,30 +135,37 @@ def calibrate_observers(
     Raises:
         RuntimeError: the model raised on a batch (the message names the batch).
     """
+    check_mask_key(mask_key)
     layers = target_modules(model)
     observers = {
         name: {k: make_observer(k, dtype, qscheme, m).to(device) for k in kinds} for name, m in layers.items()
     }
     seconds = {name: dict.fromkeys(kinds, 0.0) for name in layers}
     cuda = torch.device(device).type == "cuda"
+    batch = {"mask": None}  # the token mask of the batch being run
 
     def hook_factory(name: str):
         def hook(_module, args, kwargs):
             x = layer_input(args, kwargs)
             if x is None:
                 return
+            mask = layer_mask(batch["mask"], x)
+            masked = {} if mask is None else {"mask": mask.to(x.device)}
             for kind, obs in observers[name].items():
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                obs(x)
+                obs(x, **masked)
                 if cuda:
                     torch.cuda.synchronize()
                 seconds[name][kind] += time.perf_counter() - t0
 
         return hook
 
-    run_batches(model, batches, hook_factory, device=device, progress=progress)
+    def start(b) -> None:
+        batch["mask"] = batch_mask(b, mask_key)
+
+    run_batches(model, batches, hook_factory, device=device, progress=progress, on_batch_start=start)
     return observers, seconds
 
 

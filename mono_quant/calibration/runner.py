@@ -173,7 +173,7 @@ def batch_mask(batch, mask_key: str | None) -> torch.Tensor | None:
     return mask != 0
 
 
-def _layer_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+def layer_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """The mask for activation ``x``: the batch's own where it covers ``x``'s leading dims, flattened where
     ``x``'s first dim is the flattened tokens (2-D ``x``, a mask of 2 or more dims), else ``None``."""
     if mask is None:
@@ -248,7 +248,7 @@ class _SharedInputs:
                     "batch but not in this one, so they cannot share an observer; pass share_inputs=False"
                 )
             return
-        mask = _layer_mask(self.mask, x)
+        mask = layer_mask(self.mask, x)
         _observe(self.observers[name], x, mask)
         self._record(name, mask is not None)
         if self.share:
