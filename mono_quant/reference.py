@@ -2,7 +2,8 @@
 
 Each public function here has a Triton twin in ``mono_quant.kernels`` with the same signature and the
 same result (min/max, counts and grids bit for bit; the EMA to float32 rounding). They update state
-tensors in place and never return anything, so a caller can hold the buffers of an ``nn.Module``.
+tensors in place (so a caller can hold the buffers of an ``nn.Module``); only the fake-quantize functions
+return something, their output (and clipping mask).
 
 State, shared with the kernels: a ``RangeState`` or a ``HistogramState`` (``mono_quant.state``).
 
