@@ -4,7 +4,8 @@ kernels on CUDA) and the float64 sums behind the channel means, in torch ops on 
 The sums are the values' of float32 (a float64 input is converted first, as everywhere here): ``|x|`` and
 ``x**2`` of a float32 value are exact in float64, and they are summed in float64, ``FILTER_CHUNK`` values
 at a time (``rows.pieces``: the float64 copy of a piece is 8 MiB whatever the input). A token mask is read
-through a broadcast view (no copy of ``x``). Nothing is read on the host for CUDA tensors.
+through a broadcast view (no copy of ``x``). Nothing is read on the host for CUDA tensors, but for the
+routing of a segmented update (``channel_stats_segments_update_``: one sync a call on CUDA).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from mono_quant.ops import minmax_per_channel_update_
+from mono_quant.reference_segments import _kept_rows, check_routing_values, routed_rows, routing
 from mono_quant.rows import FILTER_CHUNK, keep_view, pieces
 from mono_quant.state import RangeState
 
-__all__ = ["channel_stats_update_", "channel_sums_update_"]
+__all__ = ["channel_stats_segments_update_", "channel_stats_update_", "channel_sums_update_"]
 
 
 def channel_sums_update_(
@@ -77,3 +79,50 @@ def channel_stats_update_(
     """
     minmax_per_channel_update_(x, ch_axis, state, mask=mask, backend=backend)
     channel_sums_update_(x, ch_axis, abs_sum, sq_sum, count, mask)
+
+
+def channel_stats_segments_update_(
+    x: torch.Tensor,
+    ch_axis: int,
+    segments: torch.Tensor,
+    state: RangeState,
+    abs_sum: torch.Tensor,
+    sq_sum: torch.Tensor,
+    count: torch.Tensor,
+    tokens_seen: torch.Tensor,
+    invalid: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """Per segment ``e``, ``channel_stats_update_`` of the rows of ``x`` routed to it (``x[rows]`` under
+    ``mask[rows]``) into slice ``e`` of every buffer, in place; ``tokens_seen[e]`` += those rows not wholly
+    masked. The routing is read on the host (``reference_segments.routed_rows``: one sync a call on CUDA);
+    segments that get no row are untouched.
+
+    Args:
+        x: [in] non-empty float tensor ``[N, ...]`` (rows along dim 0). ch_axis: the channel axis, not 0.
+        segments: [in] integer ``[N]`` or ``[N, k]`` (a row counts once for every segment it lists).
+        state: [in, out] a ``RangeState`` of ``(E, C)`` min / max and ``(E, 4)`` seen.
+        abs_sum, sq_sum: [in, out] float64 ``(E, C)``. count: [in, out] int64 ``(E, C)``.
+        tokens_seen: [in, out] int64 ``(E,)``. invalid: [in, out] int64 ``()``: routing entries outside
+            ``[0, E)`` (dropped; on the CPU refused first).
+        mask, backend: as in ``channel_stats_update_``.
+
+    Raises:
+        ValueError: on the CPU, routing entries outside ``[0, E)`` (nothing changes).
+    """
+    num_segments = tokens_seen.shape[0]
+    check_routing_values(segments, num_segments)
+    axis = ch_axis % x.dim()
+    kept = _kept_rows(x, mask)
+    for e, rows in enumerate(routed_rows(segments, num_segments)):
+        if rows is None:
+            continue
+        part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+        sub = RangeState(state.running_min[e], state.running_max[e], state.seen[e])
+        channel_stats_update_(
+            x.index_select(0, rows), axis, sub, abs_sum[e], sq_sum[e], count[e], mask=part, backend=backend
+        )
+        tokens_seen[e] += kept.index_select(0, rows).sum()
+    invalid.add_(routing(segments, num_segments)[1])

@@ -246,9 +246,6 @@ def test_padded_batch_gives_the_state_of_the_tokens_alone(dtype):
     assert padded.masked_count == int((~mask).sum()) * 10
     with pytest.raises(ValueError, match="mask"):
         padded(x, mask=torch.ones(3, 6, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="ChannelStatsObserver does not observe segments"):
-        rows = torch.zeros(21, dtype=torch.long)
-        mq.ChannelStatsObserver()(x.reshape(-1, 10), segments=rows, num_segments=2)
 
 
 def test_mask_over_the_channel_axis_of_a_conv_input():
@@ -259,3 +256,124 @@ def test_mask_over_the_channel_axis_of_a_conv_input():
     absmax, abs_sum, sq_sum, count = reference_stats([x[:1]], 1)
     assert torch.equal(obs.count, count) and torch.equal(obs.absmax.double(), absmax)
     torch.testing.assert_close(obs.sq_sum, sq_sum, rtol=1e-12, atol=0)
+
+
+# --- segments (MoE experts) --------------------------------------------------------------------------------
+
+E = 4
+
+
+def _routed(topk: int, seed: int = 0):
+    """Two batches of ``[N, 10]`` rows with NaN / Inf, a token mask and top-k routing over experts 0-2 (a
+    row may list one expert twice); expert 3 never gets a row."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, scale in ((13, 1.0), (19, 30.0)):
+        x = torch.randn(n, 10, generator=g) * scale
+        x[1, 2], x[2, 0], x[4, 9] = float("nan"), float("inf"), -float("inf")
+        idx = torch.randint(0, 3, (n, topk), generator=g)
+        idx[0, :] = 1
+        mask = torch.rand(n, generator=g) > 0.3
+        out.append((x, idx if topk > 1 else idx[:, 0], mask))
+    return out
+
+
+def _plain_per_expert(batches):
+    plain = [mq.ChannelStatsObserver() for _ in range(E)]
+    tokens = [0] * E
+    for x, idx, mask in batches:
+        routed = idx.reshape(len(x), -1)
+        for e in range(E):
+            rows = torch.nonzero((routed == e).any(1)).flatten()
+            if rows.numel():
+                plain[e](x[rows], mask=mask[rows])
+                tokens[e] += int(mask[rows].sum())
+    return plain, tokens
+
+
+def _assert_segments_equal(obs, plain, tokens):
+    assert obs.num_segments == E and obs.tokens_seen.tolist() == tokens
+    for e in range(E):
+        got, want = obs.segment(e), plain[e]
+        if tokens[e] == 0:
+            assert int(got.seen.sum()) == 0 and int(got.count.sum()) == 0
+            continue
+        for name in ("running_min", "running_max", "count"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (e, name)
+        assert torch.equal(got.seen[:3], want.seen[:3]), e
+        for name in ("abs_sum", "sq_sum"):
+            assert getattr(got, name).dtype == torch.float64
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_segments_hold_the_state_of_their_rows(topk):
+    batches = _routed(topk)
+    obs = mq.ChannelStatsObserver()
+    for x, idx, mask in batches:
+        assert obs(x, mask=mask, segments=idx, num_segments=E) is x
+    assert obs.abs_sum.shape == obs.count.shape == obs.running_min.shape == (E, 10)
+    assert obs.seen.shape == (E, 4)
+    plain, tokens = _plain_per_expert(batches)
+    assert tokens[3] == 0 and obs.tokens_seen[3] == 0  # the expert without rows
+    _assert_segments_equal(obs, plain, tokens)
+    obs.check_state()
+    with pytest.raises(RuntimeError, match=r"segments 3\b"):
+        obs.calculate_qparams()
+
+
+def test_merge_of_segmented_observers_is_one_fed_both():
+    first_batch, second_batch = _routed(2)
+    whole, first, second = (mq.ChannelStatsObserver() for _ in range(3))
+    for (x, idx, mask), obs in ((first_batch, first), (second_batch, second)):
+        whole(x, mask=mask, segments=idx, num_segments=E)
+        obs(x, mask=mask, segments=idx, num_segments=E)
+    merged = mq.merge_observers([first, second])
+    assert merged.num_segments == E
+    for name in ("running_min", "running_max", "seen", "count", "tokens_seen", "invalid_segments"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    for name in ("abs_sum", "sq_sum"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=1e-13, atol=0)
+    plain, tokens = _plain_per_expert([first_batch, second_batch])
+    _assert_segments_equal(merged, plain, tokens)
+
+
+def test_segmented_state_round_trip_and_checks():
+    obs = mq.ChannelStatsObserver()
+    for x, idx, mask in _routed(2):
+        obs(x, mask=mask, segments=idx, num_segments=E)
+    fresh = mq.ChannelStatsObserver()
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.num_segments == E
+    for name, buf in obs.named_buffers():
+        assert torch.equal(getattr(fresh, name), buf), name
+    plain = mq.ChannelStatsObserver()  # a segmented observer loads a plain state back
+    plain(torch.ones(3, 10))
+    fresh.load_state_dict(plain.state_dict())
+    assert fresh.num_segments is None and torch.equal(fresh.count, plain.count)
+    bad = obs.state_dict()
+    bad["count"] = bad["count"].clone()
+    bad["count"][1, 0] += 1
+    with pytest.raises(StateError, match="count: sums to"):
+        mq.ChannelStatsObserver().load_state_dict(bad)
+    obs.reset()
+    assert obs.num_segments is None and obs.abs_sum.shape == (0,)
+
+
+def test_segmented_calls_that_are_refused():
+    x, idx, mask = _routed(2)[0]
+    obs = mq.ChannelStatsObserver()
+    obs(x, mask=mask, segments=idx, num_segments=E)
+    before = {n: b.clone() for n, b in obs.named_buffers()}
+    with pytest.raises(ValueError, match="num_segments=5 but this ChannelStatsObserver observes 4"):
+        obs(x, segments=idx, num_segments=5)
+    with pytest.raises(ValueError, match="is segmented"):
+        obs(x)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        obs(x, segments=torch.full_like(idx, 4), num_segments=E)
+    for name, buf in obs.named_buffers():
+        assert torch.equal(buf, before[name]), name
+    unsegmented = mq.ChannelStatsObserver()
+    unsegmented(x)
+    with pytest.raises(ValueError, match="observed tensors without segments"):
+        unsegmented(x, segments=idx, num_segments=E)

@@ -22,6 +22,7 @@ KINDS = {
     "percentile": {"bins": 32},
     "per_channel": {"ch_axis": -1},
     "moving_average_per_channel": {"ch_axis": -1, "averaging_constant": 0.3},
+    "channel_stats": {},
 }
 REFUSED = {"amax_history": {}, "per_block": {}}
 
@@ -61,7 +62,7 @@ def _assert_segment_equals(obs, e: int, want) -> None:
     for name in obs.SEGMENT_FIELDS:
         a, b = getattr(got, name), getattr(want, name)
         if b.numel() == 0:  # a per-channel observer that never saw a row has not sized its channels
-            fill = float("inf") if name == "running_min" else float("-inf")
+            fill = {"running_min": float("inf"), "running_max": float("-inf")}.get(name, 0)
             assert bool((a == fill).all()), name
         else:
             assert a.shape == b.shape and torch.equal(a, b), (e, name, a, b)

@@ -67,6 +67,9 @@ class ObserverBase(nn.Module):
     # buffers that gain the leading ``E`` dim
     SEGMENTED = True
     SEGMENT_FIELDS: tuple[str, ...] = RangeState._fields
+    # the buffers of a per-channel observer (``ch_axis`` set) sized by the channel count: ``(C,)``, or
+    # ``(E, C)`` segmented; the first batch (or a loaded state) sizes them when ``num_channels`` is unset
+    CHANNEL_FIELDS: tuple[str, ...] = ("running_min", "running_max")
     ch_axis: int | None = None
     averaging_constant: float | None = None
     num_channels: int | None = None
@@ -381,7 +384,7 @@ class ObserverBase(nn.Module):
             if not isinstance(saved, torch.Tensor) or saved.dtype != buf.dtype:
                 got = saved.dtype if isinstance(saved, torch.Tensor) else type(saved).__name__
                 raise ValueError(f"cannot load {key}: it must be a {buf.dtype} tensor, got {got}")
-            resizable = name in ("running_min", "running_max") and self.ch_axis is not None
+            resizable = name in self.CHANNEL_FIELDS and self.ch_axis is not None
             if saved.shape != buf.shape:
                 if not (resizable and buf.numel() == 0 and saved.dim() == 1):
                     raise ValueError(

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mono_quant.channel_ops import channel_stats_update_
+from mono_quant.channel_ops import channel_stats_segments_update_, channel_stats_update_
 from mono_quant.core.base import RANGE_RULES, ObserverBase, StateError
 from mono_quant.core.observers import _check_ch_axis, _check_num_channels
+from mono_quant.state import RangeState
 
 __all__ = ["ChannelStatsObserver", "smoothing_factors"]
 
@@ -28,14 +29,20 @@ class ChannelStatsObserver(ObserverBase):
     """Per channel along ``ch_axis``: min / max (so ``absmax``), ``mean_abs`` and ``mean_square`` of the
     finite values seen. NaN / +-Inf are left out of every statistic and counted (``nonfinite_count``);
     ``obs(x, mask=m)`` leaves out the values under ``False`` of a token mask (``masked_count``), as every
-    observer does. Segmented observation (``segments=``) is refused (``NotImplementedError``).
+    observer does. ``obs(x, segments=idx, num_segments=E)`` (MoE experts, ``mono_quant.core.segments``)
+    keeps E sets of these statistics: every buffer below gains a leading ``E`` dim (``(E, C)``, ``seen``
+    ``(E, 4)``) and segment ``e`` (``segment(e)``) holds exactly what a plain observer fed the rows routed to
+    ``e`` holds. The segmented update runs the plain one per segment on its rows: it reads the routing on the
+    host (one sync a call on CUDA), as the histogram does.
 
     Buffers, besides ``running_min`` / ``running_max`` (float32 ``(C,)``) and ``seen``:
         abs_sum, sq_sum: float64 ``(C,)``, the sums of ``|x|`` and ``x**2`` over each channel's finite values.
         count: int64 ``(C,)``, each channel's finite values.
+    Segmented, also ``tokens_seen`` (int64 ``(E,)``) and ``invalid_segments`` (int64 ``()``).
 
     ``calculate_qparams`` gives per-channel qparams of the range, as ``PerChannelMinMaxObserver``. Merges
-    exactly across ranks and saved runs for the range and counts; the float64 sums are added (``"sum"``).
+    exactly across ranks and saved runs for the range and counts; the float64 sums are added (``"sum"``),
+    per segment for a segmented observer.
 
     Args:
         ch_axis: the channel dimension (default -1: ``[..., hidden]`` activations of a Linear).
@@ -47,7 +54,8 @@ class ChannelStatsObserver(ObserverBase):
 
     # _version 2: as ObserverBase (the class and settings travel in _extra_state).
     MERGE_RULES = {**RANGE_RULES, "abs_sum": "sum", "sq_sum": "sum", "count": "sum"}
-    SEGMENTED = False  # segments= (MoE experts) is refused: not implemented for the sums yet
+    SEGMENT_FIELDS = (*RangeState._fields, *_SUMS)
+    CHANNEL_FIELDS = ("running_min", "running_max", *_SUMS)
 
     def __init__(self, ch_axis: int = -1, num_channels: int | None = None, **kwargs):
         self.ch_axis = _check_ch_axis(ch_axis)
@@ -90,6 +98,12 @@ class ChannelStatsObserver(ObserverBase):
                 self._resize_channels(0)
             raise
 
+    def _observe_segments(self, x: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None) -> None:
+        channel_stats_segments_update_(
+            x, self.ch_axis % x.dim(), segments, self.range_state(), self.abs_sum, self.sq_sum, self.count,
+            self.tokens_seen, self.invalid_segments, mask=mask, backend=self.backend,
+        )  # fmt: skip
+
     def _resize_channels(self, channels: int) -> None:
         super()._resize_channels(channels)
         for name in _SUMS:
@@ -100,18 +114,12 @@ class ChannelStatsObserver(ObserverBase):
         for name in _SUMS:
             self._buffers[name].zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in _SUMS:  # sized by the state, as the range is
-            saved = state_dict.get(prefix + name)
-            buf = self._buffers[name]
-            if isinstance(saved, torch.Tensor) and saved.dim() == 1 and buf.numel() == 0 and saved.numel():
-                if saved.dtype == buf.dtype:
-                    buf.resize_(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def check_state(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
         """``ObserverBase.check_state``, and the sums': one length with the range, counts ``>= 0`` adding up
-        to the finite values seen, sums ``>= 0`` and finite, zero where a channel counted nothing."""
+        to the finite values seen, sums ``>= 0`` and finite, zero where a channel counted nothing (segmented:
+        each segment alone)."""
+        if {**self._buffers, **(buffers or {})}["seen"].dim() == 2:  # segmented: each segment alone
+            return super().check_state(buffers)
         super().check_state(buffers)
         b = {n: t.detach().cpu() for n, t in {**self._buffers, **(buffers or {})}.items() if t is not None}
         channels = b["running_min"].numel()

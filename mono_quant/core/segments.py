@@ -14,7 +14,9 @@ state a plain observer of the same kind would hold after seeing the rows routed 
 
 Segmented kinds: MinMax, moving average, per-channel (``ch_axis`` not 0) and moving-average per-channel
 (on CUDA one kernel launch a call, ``mono_quant.kernels.segments``, no host read), histogram (every method;
-per segment the histogram update of its rows: the routing is read on the host, one sync a call on CUDA).
+per segment the histogram update of its rows: the routing is read on the host, one sync a call on CUDA),
+channel statistics (``ChannelStatsObserver``: per segment the channel-stats update of its rows, its float64
+sums and counts ``(E, C)``; the routing is read on the host, one sync a call on CUDA).
 The amax history and the block observer refuse (``NotImplementedError``).
 """
 
@@ -108,7 +110,7 @@ def check_segments(obs, x: torch.Tensor, segments, num_segments, mask) -> None:
 
 
 def _unsegmented_shape(obs, name: str, shape: torch.Size) -> tuple[int, ...]:
-    if obs.ch_axis is not None and name in ("running_min", "running_max"):
+    if obs.ch_axis is not None and name in obs.CHANNEL_FIELDS:
         return (obs.num_channels or 0,)
     return tuple(shape)
 
@@ -119,7 +121,7 @@ def make_segmented(obs, num_segments: int, channels: int | None) -> None:
     dev = obs.seen.device
     for name in obs.SEGMENT_FIELDS:
         buf = obs._buffers[name]
-        if obs.ch_axis is not None and name in ("running_min", "running_max"):
+        if obs.ch_axis is not None and name in obs.CHANNEL_FIELDS:
             inner = (channels,)
         else:
             inner = tuple(buf.shape[1:]) if obs.num_segments is not None else tuple(buf.shape)
