@@ -2,25 +2,19 @@
 
 ModelOpt's issue 831: a rank whose expert saw no token skips the collective for it and the job hangs. Here
 every rank takes part in the same fixed collectives whatever it saw; the merged state must equal that of one
-process over all the data, and a hang fails the test after ``SPAWN_TIMEOUT_S`` instead of blocking the run.
+process over all the data, and a hang fails the test after ``spawn_ranks.TIMEOUT_S`` (90 s) instead of
+blocking the run.
 """
-
-import datetime
-import multiprocessing
-import time
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from spawn_ranks import run_ranks
 from torch import nn
 
 import mono_quant as mq
 from mono_quant.calibration.experts import empty_segments
 
-SPAWN_TIMEOUT_S = 90
 E, H, WORLD = 4, 6, 2
 KINDS = {
     "minmax": lambda: mq.MinMaxObserver(),
@@ -112,47 +106,13 @@ def _rank(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    try:
-        store = dist.TCPStore("127.0.0.1", port, WORLD, False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
-        try:
-            out = _rank(rank)
-        finally:
-            dist.destroy_process_group()
-        torch.save(out, Path(outdir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+def _rank_of(rank: int, world: int) -> dict:
+    return _rank(rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    outdir = tmp_path_factory.mktemp("experts")
-    store = dist.TCPStore("127.0.0.1", 0, WORLD, True, wait_for_workers=False)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "mono_quant", __name__])
-    procs = [
-        ctx.Process(target=_worker, args=(r, store.port, str(outdir)), daemon=True) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    errors = "\n".join(f.read_text() for f in sorted(outdir.glob("*.err")))
-    if hung:
-        pytest.fail(f"ranks {hung} of {WORLD} hung: no result in {SPAWN_TIMEOUT_S} s\n{errors}")
-    if any(p.exitcode for p in procs):
-        pytest.fail(f"ranks exited with {[p.exitcode for p in procs]}\n{errors}")
-    return [torch.load(outdir / f"rank{r}.pt", map_location="cpu") for r in range(WORLD)]
+    return run_ranks(WORLD, _rank_of, tmp_path_factory.mktemp("experts"), __name__)
 
 
 def test_the_ranks_really_have_different_empty_experts(ranks):
