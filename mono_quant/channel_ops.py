@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mono_quant.ops import minmax_per_channel_update_
-from mono_quant.reference_segments import _kept_rows, check_routing_values, routed_rows, routing
+from mono_quant.reference_segments import check_routing_values, routing, segment_rows
 from mono_quant.rows import FILTER_CHUNK, keep_view, pieces
 from mono_quant.state import RangeState
 
@@ -97,7 +97,7 @@ def channel_stats_segments_update_(
 ) -> None:
     """Per segment ``e``, ``channel_stats_update_`` of the rows of ``x`` routed to it (``x[rows]`` under
     ``mask[rows]``) into slice ``e`` of every buffer, in place; ``tokens_seen[e]`` += those rows not wholly
-    masked. The routing is read on the host (``reference_segments.routed_rows``: one sync a call on CUDA);
+    masked. The routing is read on the host (``reference_segments.segment_rows``: one sync a call on CUDA);
     segments that get no row are untouched.
 
     Args:
@@ -115,14 +115,7 @@ def channel_stats_segments_update_(
     num_segments = tokens_seen.shape[0]
     check_routing_values(segments, num_segments)
     axis = ch_axis % x.dim()
-    kept = _kept_rows(x, mask)
-    for e, rows in enumerate(routed_rows(segments, num_segments)):
-        if rows is None:
-            continue
-        part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+    for e, rows, part in segment_rows(x, segments, mask, tokens_seen):
         sub = RangeState(state.running_min[e], state.running_max[e], state.seen[e])
-        channel_stats_update_(
-            x.index_select(0, rows), axis, sub, abs_sum[e], sq_sum[e], count[e], mask=part, backend=backend
-        )
-        tokens_seen[e] += kept.index_select(0, rows).sum()
+        channel_stats_update_(rows, axis, sub, abs_sum[e], sq_sum[e], count[e], mask=part, backend=backend)
     invalid.add_(routing(segments, num_segments)[1])

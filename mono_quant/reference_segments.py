@@ -39,6 +39,7 @@ __all__ = [
     "minmax_segments_update_",
     "routed_rows",
     "routing",
+    "segment_rows",
 ]
 
 
@@ -148,17 +149,12 @@ def minmax_segments_update_(
     check_routing_values(segments, num_segments)
     axis = None if ch_axis is None else ch_axis % x.dim()
     if _may_branch(x):  # CPU: per segment, the plain update of its rows (reading the routing costs nothing)
-        kept = _kept_rows(x, mask)
-        for e, rows in enumerate(routed_rows(segments, num_segments)):
-            if rows is None:
-                continue
-            part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+        for e, rows, part in segment_rows(x, segments, mask, state.tokens_seen):
             sub = RangeState(state.running_min[e], state.running_max[e], state.seen[e])
             if axis is None:
-                minmax_update_(x.index_select(0, rows), sub, averaging_constant, mask=part)
+                minmax_update_(rows, sub, averaging_constant, mask=part)
             else:
-                minmax_per_channel_update_(x.index_select(0, rows), axis, sub, averaging_constant, mask=part)
-            state.tokens_seen[e] += kept.index_select(0, rows).sum()
+                minmax_per_channel_update_(rows, axis, sub, averaging_constant, mask=part)
         return
     x = _float32_values(x)
     slots, outside = routing(segments, num_segments)
@@ -198,6 +194,21 @@ def routed_rows(segments: torch.Tensor, num_segments: int) -> list[torch.Tensor 
     return out
 
 
+def segment_rows(
+    x: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor | None, tokens_seen: torch.Tensor
+):
+    """Per segment ``e`` that receives rows: ``(e, x[rows], mask[rows])`` (the rows gathered, a mask of
+    0 dims as it is), for the caller to update segment ``e`` with; then ``tokens_seen[e]`` (int64 ``(E,)``,
+    ``[in, out]``) += the rows not wholly masked. Reads the routing on the host (``routed_rows``)."""
+    kept = _kept_rows(x, mask)
+    for e, rows in enumerate(routed_rows(segments, tokens_seen.shape[0])):
+        if rows is None:
+            continue
+        part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
+        yield e, x.index_select(0, rows), part
+        tokens_seen[e] += kept.index_select(0, rows).sum()
+
+
 def histogram_segments_update_(
     x: torch.Tensor,
     segments: torch.Tensor,
@@ -224,11 +235,6 @@ def histogram_segments_update_(
     """
     num_segments = tokens_seen.shape[0]
     check_routing_values(segments, num_segments)
-    kept = _kept_rows(x, mask)
-    for e, rows in enumerate(routed_rows(segments, num_segments)):
-        if rows is None:
-            continue
-        part = mask if mask is None or mask.dim() == 0 else mask.index_select(0, rows)
-        update(x.index_select(0, rows), HistogramState(*(t[e] for t in state)), mask=part)
-        tokens_seen[e] += kept.index_select(0, rows).sum()
+    for e, rows, part in segment_rows(x, segments, mask, tokens_seen):
+        update(rows, HistogramState(*(t[e] for t in state)), mask=part)
     invalid.add_(routing(segments, num_segments)[1])
