@@ -27,6 +27,7 @@ from mono_quant.kernels import group_minmax as kgroup  # noqa: E402
 from mono_quant.kernels import histogram as khist  # noqa: E402
 from mono_quant.kernels import minmax as kmm  # noqa: E402
 from mono_quant.kernels import minmax_one_launch as kol  # noqa: E402
+from mono_quant.kernels import segment_histogram as ksh  # noqa: E402
 from mono_quant.kernels import segments as ks  # noqa: E402
 from mono_quant.kernels._common import launch_options  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -276,7 +277,8 @@ def block_cases():
 
 
 def _segment_cases():
-    """The segmented min/max kernel (MoE experts), per tensor and per channel, plain and masked."""
+    """The segmented kernels (MoE experts): min/max per tensor and per channel, plain and masked; the
+    histogram's grid and binning kernels."""
     sig = {"x_ptr": PX, "seg_ptr": P64, "smin_ptr": P32, "smax_ptr": P32, "scnt_ptr": P64,
            "ticket_ptr": "*i32", "rmin_ptr": P32, "rmax_ptr": P32, "seen_ptr": P64, "tokens_ptr": P64,
            "invalid_ptr": P64, "N": "i32", "OUTER": "i32", "C": "i32", "INNER": "i32", "K": "i32", "E": "i32",
@@ -285,6 +287,17 @@ def _segment_cases():
         for mask in (False, True):
             consts = {"BLOCK_C": block_c, "BLOCK_I": block_i, "BLOCK_F": 1024, "EMA": True, "HAS_MASK": mask}
             yield f"segments_{tag}{'_masked' if mask else ''}", ks._segments_kernel, sig, consts, 4
+    # the segmented histogram: each segment's grid and counts moved, then the binning of the routed rows
+    gsig = {"rmin_ptr": P32, "rmax_ptr": P32, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64,
+            "stage_ptr": P64, "num_bins": "i32"}  # fmt: skip
+    for block_b, warps in ((1024, 4), (4096, 8)):
+        consts = {"BLOCK_B": block_b, "E_LO": ksh.E_MIN, "E_HI": ksh.E_MAX}
+        yield f"segment_hist_grid_{block_b}", ksh._grid_kernel, gsig, consts, warps
+    bsig = {"x_ptr": PX, "seg_ptr": P64, "exp_ptr": P64, "org_ptr": P64, "counts_ptr": P64, "N": "i32",
+            "INNER": "i32", "K": "i32", "E": "i32", "num_bins": "i32"}  # fmt: skip
+    for mask in (False, True):
+        consts = {"BLOCK": ksh.BLOCK, "HAS_MASK": mask}
+        yield f"segment_hist_bin{'_masked' if mask else ''}", ksh._bin_kernel, bsig, consts, 8
 
 
 def _aligned(sig: dict, *ints: str) -> dict:

@@ -30,6 +30,7 @@ __all__ += ["block_amax_update_", "block_fake_quantize"]
 
 
 # segmented observation (MoE experts, issue 15)
+from .segment_histogram import histogram_segments_update_  # noqa: E402
 from .segments import minmax_segments_update_  # noqa: E402
 
-__all__ += ["minmax_segments_update_"]
+__all__ += ["histogram_segments_update_", "minmax_segments_update_"]

@@ -55,7 +55,7 @@ from ._common import (
     prepare_mask,
     reduce_partials_and_count,
 )
-from ._grid import bin_f32, floor_scaled, inv_width
+from ._grid import bin_f32, choose_grid, inv_width, move_counts
 from .minmax import _partial_kernel as _minmax_partial_kernel
 
 __all__ = ["HIST_STRATEGIES", "histogram_update_"]
@@ -152,55 +152,14 @@ def _finalize_kernel(
     tl.store(rmin_ptr, mn)
     tl.store(rmax_ptr, mx)
 
-    # canonical_grid: the smallest e whose bins hold [mn, mx], not below the float32 spacing at max |x|
-    empty = ~(mn <= mx)
-    mn_s = tl.where(empty, 0.0, mn)
-    mx_s = tl.where(empty, 0.0, mx)
-    exps = E_LO + tl.arange(0, 256)
-    valid = exps <= E_HI
-    inv = inv_width(tl.minimum(exps, E_HI))
-    span = floor_scaled(mx_s, inv) - floor_scaled(mn_s, inv)
-    mag = tl.maximum(tl.abs(mn_s), tl.abs(mx_s))
-    biased = (mag.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    # frexp: 0 -> exponent 0 (floor -24); subnormals are below 2**-126 (floor clamps to E_LO)
-    e_floor = tl.where(mag == 0.0, -24, tl.where(biased == 0, E_LO, biased - 150))
-    e_floor = tl.minimum(tl.maximum(e_floor, E_LO), E_HI)
-    ok = valid & (span < num_bins) & (exps >= e_floor)
-    new_e = tl.min(tl.where(ok, exps, E_HI), 0)
-    new_e = tl.where(empty, E_LO, new_e).to(tl.int64)
-    new_o = tl.where(empty, 0, floor_scaled(mn_s, inv_width(new_e)).to(tl.int64))
-
+    new_e, new_o = choose_grid(mn, mx, num_bins, E_LO, E_HI)
     old_e = tl.load(exp_ptr)
     old_o = tl.load(org_ptr)
     tl.store(old_grid_ptr, old_e)
     tl.store(old_grid_ptr + 1, old_o)
-    if (new_e != old_e) | (new_o != old_o):
-        # regrid: old bin j -> ((old_o + j) >> k) - new_o; stage the old counts in delta, then scatter
-        shift = tl.minimum(tl.maximum(new_e - old_e, 0), 62)
-        for j0 in range(0, num_bins, BLOCK_B):
-            j = j0 + tl.arange(0, BLOCK_B)
-            jm = j < num_bins
-            cnt = tl.load(counts_ptr + j, mask=jm, other=0)
-            if HAS_DELTA:
-                cnt += tl.load(delta_ptr + j, mask=jm, other=0)
-            tl.store(delta_ptr + j, cnt, mask=jm)
-            tl.store(counts_ptr + j, tl.zeros([BLOCK_B], tl.int64), mask=jm)
-        tl.debug_barrier()
-        for j0 in range(0, num_bins, BLOCK_B):
-            j = j0 + tl.arange(0, BLOCK_B)
-            jm = j < num_bins
-            cnt = tl.load(delta_ptr + j, mask=jm, other=0)
-            dest = ((old_o + j) >> shift) - new_o
-            dest = tl.minimum(tl.maximum(dest, 0), num_bins - 1)
-            tl.atomic_add(counts_ptr + dest, cnt, mask=jm & (cnt != 0))
-        tl.store(exp_ptr, new_e)
-        tl.store(org_ptr, new_o)
-    elif HAS_DELTA:
-        for j0 in range(0, num_bins, BLOCK_B):
-            j = j0 + tl.arange(0, BLOCK_B)
-            jm = j < num_bins
-            add = tl.load(delta_ptr + j, mask=jm, other=0)
-            tl.store(counts_ptr + j, tl.load(counts_ptr + j, mask=jm, other=0) + add, mask=jm)
+    move_counts(counts_ptr, delta_ptr, num_bins, old_e, old_o, new_e, new_o, BLOCK_B, HAS_DELTA)
+    tl.store(exp_ptr, new_e)
+    tl.store(org_ptr, new_o)
 
 
 def _check_state(running_min, running_max, seen, exponent, origin, counts) -> None:

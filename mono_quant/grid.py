@@ -72,7 +72,8 @@ def bin_index(x: torch.Tensor, exponent: torch.Tensor, origin: torch.Tensor) -> 
 def canonical_grid(
     min_val: torch.Tensor, max_val: torch.Tensor, num_bins: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid ``(exponent, origin)`` (0-d int64) of data whose finite range is ``[min_val, max_val]``.
+    """The grid ``(exponent, origin)`` (int64, of ``min_val``'s shape) of data whose finite range is
+    ``[min_val, max_val]``; elementwise for ranges of any shape (one grid per segment of a segmented state).
 
     Pure tensor ops, no host read: usable inside a CUDA graph. For an empty range (``min > max``, nothing
     finite seen) returns the finest grid ``(E_MIN, 0)``, which any later range coarsens from.
@@ -82,15 +83,15 @@ def canonical_grid(
     mx = max_val.to(torch.float32)
     exps = torch.arange(E_MIN, E_MAX + 1, device=device, dtype=torch.int64)
     inv_w = torch.ldexp(torch.ones_like(exps, dtype=torch.float32), -exps).to(torch.float32)
-    span = floor_scaled(mx, inv_w) - floor_scaled(mn, inv_w)
+    span = floor_scaled(mx[..., None], inv_w) - floor_scaled(mn[..., None], inv_w)
     _, mag_exp = torch.frexp(torch.maximum(mn.abs(), mx.abs()))
     e_floor = (mag_exp.to(torch.int64) - 1 - 23).clamp(E_MIN, E_MAX)
-    ok = (span < num_bins) & (exps >= e_floor)
+    ok = (span < num_bins) & (exps >= e_floor[..., None])
     # exps is increasing and `ok` is monotone in it: the first True is the smallest valid e.
-    exponent = torch.where(ok, exps, E_MAX).amin()
+    exponent = torch.where(ok, exps, E_MAX).amin(-1)
     empty = ~(mn <= mx)
     exponent = torch.where(empty, E_MIN, exponent)
-    inv = torch.ldexp(torch.ones((), dtype=torch.float32, device=device), -exponent).to(torch.float32)
+    inv = torch.ldexp(torch.ones_like(mn), -exponent).to(torch.float32)
     origin = torch.where(empty, 0, floor_scaled(mn, inv).to(torch.int64))
     return exponent, origin
 
@@ -105,14 +106,19 @@ def regrid(
     """Counts on grid ``(exponent, origin)`` moved to a coarser or equal grid ``(new_exponent, new_origin)``.
 
     Exact (integer shifts). The new grid must cover the old data, which ``canonical_grid`` of a containing
-    range guarantees; indices are clamped only so that empty bins of an empty state stay in range.
+    range guarantees; indices are clamped only so that empty bins of an empty state stay in range. Counts
+    of shape ``(..., B)`` hold one histogram per leading index, each on its grid (grids of shape ``...``).
     """
-    num_bins = counts.shape[0]
-    shift = (new_exponent - exponent).clamp(0, 62)
+    num_bins = counts.shape[-1]
+    shift = (new_exponent - exponent).clamp(0, 62)[..., None]
     j = torch.arange(num_bins, device=counts.device, dtype=torch.int64)
-    dest = torch.bitwise_right_shift(origin + j, shift) - new_origin
+    dest = torch.bitwise_right_shift(origin[..., None] + j, shift) - new_origin[..., None]
     dest = dest.clamp(0, num_bins - 1)
-    return torch.zeros_like(counts).index_add_(0, dest, counts)
+    if counts.dim() == 1:
+        return torch.zeros_like(counts).index_add_(0, dest, counts)
+    rows = torch.arange(counts[..., 0].numel(), device=counts.device).reshape(counts.shape[:-1])
+    flat = (dest + rows[..., None] * num_bins).reshape(-1)  # each histogram's bins in its own row
+    return torch.zeros_like(counts).reshape(-1).index_add_(0, flat, counts.reshape(-1)).reshape(counts.shape)
 
 
 def regrid_to_range(

@@ -189,8 +189,8 @@ def histogram_segments_update_(
     mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
-    """See ``mono_quant.reference_segments.histogram_segments_update_``: per segment the histogram update of
-    ``backend`` (``resolve_backend``) on the rows routed to it; the routing is read on the host."""
-    update = _impl(x, backend).histogram_update_
-    reference_segments.histogram_segments_update_(x, segments, state, tokens_seen, invalid, mask=mask,
-                                                  update=update)  # fmt: skip
+    """See ``mono_quant.reference_segments.histogram_segments_update_``; ``backend`` as in
+    ``resolve_backend`` (the kernels: ``mono_quant.kernels.segment_histogram``, three launches a call, no
+    host read)."""
+    impl = reference_segments if resolve_backend(x, backend) == "torch" else ops_backend._kernels()
+    impl.histogram_segments_update_(x, segments, state, tokens_seen, invalid, mask=mask)

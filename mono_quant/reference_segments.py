@@ -13,15 +13,17 @@ CPU that is an error first (``ValueError``, nothing changed), on CUDA nothing re
 The min/max update (``minmax_segments_update_``) is the kernel's twin: per-row finite min / max and counts
 in pieces of rows (bounded temporaries, no copy of ``x``), then one scatter per routing column into
 ``E + 1`` slots, sync-free; on the CPU, where reading the routing costs nothing, the plain update of each
-segment's rows (gathered), exactly the same result. The histogram update (``histogram_segments_update_``)
-runs the plain histogram update per segment on the rows routed to it: it reads the routing on the host
-(one sync per call on CUDA).
+segment's rows (gathered), exactly the same result. The histogram update (``histogram_segments_update_``,
+twin of ``mono_quant.kernels.segment_histogram``) is likewise the plain update per segment on the CPU and
+sync-free elsewhere: the segments' ranges as above, every segment's grid at once, then each value binned on
+the grid of every segment its row lists. ``segment_rows`` gives the CPU loops their rows.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mono_quant.grid import canonical_grid, floor_scaled, regrid
 from mono_quant.reference_histogram import histogram_update_
 from mono_quant.reference_range import (
     _float32_values,
@@ -156,7 +158,15 @@ def minmax_segments_update_(
             else:
                 minmax_per_channel_update_(rows, axis, sub, averaging_constant, mask=part)
         return
-    x = _float32_values(x)
+    _minmax_segments_free_(_float32_values(x), segments, state, averaging_constant, axis, mask)
+
+
+def _minmax_segments_free_(
+    x: torch.Tensor, segments: torch.Tensor, state: SegmentState, averaging_constant, axis, mask
+) -> None:
+    """``minmax_segments_update_`` with nothing read on the host (float32-valued ``x``, ``axis`` >= 1 or
+    ``None``): per-row stats, one scatter per routing column into ``E + 1`` slots."""
+    num_segments = state.tokens_seen.shape[0]
     slots, outside = routing(segments, num_segments)
     mn, mx, counts = _row_stats(x, mask, axis)
     per_row = torch.cat([counts, _kept_rows(x, mask)[:, None]], 1)  # finite, non-finite, masked, token
@@ -217,10 +227,16 @@ def histogram_segments_update_(
     invalid: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
-    update=histogram_update_,
 ) -> None:
     """Add the rows of ``x`` to the histogram of each segment they are routed to, in place: per segment
-    exactly ``reference.histogram_update_`` of its rows (under their part of ``mask``).
+    exactly ``reference.histogram_update_`` of its rows (under their part of ``mask``); segments that get
+    no row are untouched.
+
+    On the CPU, that update per segment (the routing read on the host); elsewhere nothing is read on the
+    host: the segments' ranges by ``minmax_segments_update_``'s scatter, every segment's grid at once
+    (``canonical_grid`` and ``regrid`` of ``(E,)`` grids), then each value binned on the grid of every
+    segment its row lists, counted by one ``index_add_`` per piece and routing column (the twin of
+    ``mono_quant.kernels.segment_histogram``). Same counts either way: they are integers.
 
     Args:
         x: non-empty float tensor ``[N, ...]``. segments: integer ``[N]`` or ``[N, k]``.
@@ -228,13 +244,51 @@ def histogram_segments_update_(
             ``(E, 4)``, exponent / origin ``(E,)``, counts ``(E, B)``).
         tokens_seen: int64 ``(E,)``; invalid: int64 ``()`` (as in ``SegmentState``).
         mask: ``None``, or a bool tensor of the leading dims of ``x``.
-        update: the per-segment update (``ops`` passes the kernels' on CUDA).
 
     Raises:
         ValueError: on the CPU, routing entries outside ``[0, E)`` (nothing changes).
     """
     num_segments = tokens_seen.shape[0]
     check_routing_values(segments, num_segments)
-    for e, rows, part in segment_rows(x, segments, mask, tokens_seen):
-        update(rows, HistogramState(*(t[e] for t in state)), mask=part)
-    invalid.add_(routing(segments, num_segments)[1])
+    if _may_branch(x):
+        for e, rows, part in segment_rows(x, segments, mask, tokens_seen):
+            histogram_update_(rows, HistogramState(*(t[e] for t in state)), mask=part)
+        invalid.add_(routing(segments, num_segments)[1])
+        return
+    x = _float32_values(x)
+    ranges = SegmentState(state.running_min, state.running_max, state.seen, tokens_seen, invalid)
+    _minmax_segments_free_(x, segments, ranges, None, None, mask)
+    new_e, new_o = canonical_grid(state.running_min, state.running_max, state.counts.shape[1])
+    state.counts.copy_(regrid(state.counts, state.exponent, state.origin, new_e, new_o))
+    state.exponent.copy_(new_e)
+    state.origin.copy_(new_o)
+    _bin_segments_(x, routing(segments, num_segments)[0], state, mask)
+
+
+def _bin_segments_(x: torch.Tensor, slots: torch.Tensor, state: HistogramState, mask) -> None:
+    """Add every kept finite value of row ``i`` of ``x`` (float32 values) to the histogram of each segment
+    ``slots[i]`` lists, on that segment's grid (slot ``E``: nothing), in pieces of rows (bounded
+    temporaries); sync-free."""
+    num_segments, num_bins = state.counts.shape
+    n, dev = x.shape[0], x.device
+    keep = None if mask is None else keep_view(x, mask)
+    dump = num_segments * num_bins  # one slot past the bins of every segment
+    exponent = torch.cat([state.exponent, state.exponent[:1]])  # slot E: any grid, its values are dropped
+    inv_w = torch.ldexp(torch.ones(num_segments + 1, device=dev), -exponent).to(torch.float32)
+    offset = torch.cat([state.origin, state.origin[:1]]).to(torch.float32)
+    flat = torch.zeros(dump + 1, dtype=torch.int64, device=dev)
+    one = torch.ones((), dtype=torch.int64, device=dev)
+    step = max(FILTER_CHUNK // max(x[0].numel(), 1), 1)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        piece = x[rows].reshape(min(step, n - start), -1)
+        ok = torch.isfinite(piece)
+        if keep is not None:
+            ok &= keep[rows].reshape(piece.shape)
+        for j in range(slots.shape[1]):
+            s = slots[rows, j]
+            t = floor_scaled(piece, inv_w[s][:, None]) - offset[s][:, None]
+            on = ok & (s < num_segments)[:, None] & (t >= 0) & (t < num_bins)
+            at = torch.where(on, s[:, None] * num_bins + torch.where(on, t, 0.0).to(torch.int64), dump)
+            flat.index_add_(0, at.reshape(-1), one.expand(at.numel()))
+    state.counts.add_(flat[:dump].view(num_segments, num_bins))

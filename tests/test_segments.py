@@ -282,6 +282,7 @@ INTERP = [
     ("per_channel", {"ch_axis": 1}, (7, 3, 4)),
     ("moving_average_per_channel", {"ch_axis": -1, "averaging_constant": 0.3}, (10, 129)),
     ("histogram", {"bins": 16}, (12, 5)),
+    ("kl", {"bins": 16}, (9, 3, 5)),
 ]
 
 
@@ -331,7 +332,7 @@ def test_kernel_drops_and_counts_outside_entries_and_keeps_its_scratch_blank():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["minmax", "moving_average", "per_channel"])
+@pytest.mark.parametrize("kind", ["minmax", "moving_average", "per_channel", "histogram"])
 def test_segmented_forward_is_sync_free_and_matches_the_twin_on_cuda(kind):
     g = torch.Generator().manual_seed(10)
     x = torch.randn(4096, 256, generator=g).to("cuda", torch.bfloat16)
@@ -384,3 +385,107 @@ def test_a_segmented_histogram_gives_edges_per_segment():
         _ = obs.bin_edges
     edges = obs.segment(1).bin_edges
     assert float(edges[0]) <= -2.0 and float(edges[-1]) > 3.0
+
+
+# --- the segmented histogram: the CPU loop, the sync-free twin and the kernel ----------------------------
+
+
+def _histogram_state(num_segments: int, num_bins: int):
+    from mono_quant.grid import E_MIN
+    from mono_quant.state import HistogramState
+
+    return HistogramState(
+        torch.full((num_segments,), float("inf")),
+        torch.full((num_segments,), float("-inf")),
+        torch.zeros(num_segments, 4, dtype=torch.int64),
+        torch.full((num_segments,), E_MIN, dtype=torch.int64),
+        torch.zeros(num_segments, dtype=torch.int64),
+        torch.zeros(num_segments, num_bins, dtype=torch.int64),
+    )
+
+
+def _histogram_paths(batches, num_bins, monkeypatch, names=("loop", "free", "kernel")):
+    """The segmented histogram after ``batches`` by the CPU loop, the sync-free twin and the kernels under
+    the interpreter (those of ``names``): ``{path: (state, tokens_seen, invalid)}``."""
+    from mono_quant import reference_segments
+
+    out = {}
+    for name in names:
+        if name == "kernel":
+            update = pytest.importorskip("mono_quant.kernels").histogram_segments_update_
+        else:
+            update = reference_segments.histogram_segments_update_
+        state = _histogram_state(E, num_bins)
+        tokens, invalid = torch.zeros(E, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+        with monkeypatch.context() as m:
+            if name == "free":  # the path of every device but the CPU, on the CPU
+                m.setattr(reference_segments, "_may_branch", lambda t: False)
+            for x, idx, mask in batches:
+                update(x, idx, state, tokens, invalid, mask=mask)
+        out[name] = (state, tokens, invalid)
+    return out
+
+
+def _assert_same_histograms(paths) -> None:
+    want = paths["loop"]
+    for name, got in paths.items():
+        for field, a, b in zip(want[0]._fields, want[0], got[0], strict=True):
+            assert torch.equal(a, b), (name, field)
+        assert torch.equal(want[1], got[1]) and torch.equal(want[2], got[2]), name
+
+
+MASKS = {
+    "none": lambda g, shape: None,
+    "rows": lambda g, shape: torch.rand(shape[:1], generator=g) > 0.3,
+    "tokens": lambda g, shape: torch.rand(shape[:2], generator=g) > 0.3,
+    "values": lambda g, shape: torch.rand(shape, generator=g) > 0.3,
+    "all_off": lambda g, shape: torch.zeros((), dtype=torch.bool),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mask_kind", sorted(MASKS))
+@pytest.mark.parametrize("dtype, topk", [(torch.float32, 2), (torch.float16, 1), (torch.bfloat16, 3)])
+def test_segmented_histogram_paths_agree_exactly(mask_kind, dtype, topk, monkeypatch):
+    g = torch.Generator().manual_seed(21)
+    shape = (11, 3, 5)
+    batches = []
+    for step in range(3):  # the range grows: every segment's grid coarsens and its counts move
+        x = (torch.randn(*shape, generator=g) * 4.0**step).to(dtype)
+        x.view(-1)[::13] = float("nan")
+        x.view(-1)[6::29] = float("-inf")
+        idx = torch.randint(0, 4, (shape[0], topk), generator=g)
+        idx[0] = 2  # a segment listed twice counts once
+        batches.append((x, idx if topk > 1 else idx[:, 0], MASKS[mask_kind](g, shape)))
+    paths = _histogram_paths(batches, 34, monkeypatch)
+    _assert_same_histograms(paths)
+    state, tokens, _ = paths["loop"]
+    assert int(tokens[4]) == 0 and not bool(state.counts[4].any())  # untouched: no row
+    if mask_kind != "all_off":
+        assert bool(state.counts[:4].sum(1).gt(0).all()) and int(state.seen[:, Seen.NONFINITE].sum()) > 0
+        assert torch.equal(state.counts.sum(1), state.seen[:, Seen.FINITE])
+
+
+@pytest.mark.interpreter
+def test_segmented_histogram_drops_and_counts_outside_entries(monkeypatch):
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(6, 4, generator=g)
+    idx = torch.tensor([[0, 7], [1, -1], [2, 2], [0, 1], [3, 9], [1, 0]])
+    same = torch.tensor([[0, 0], [1, 1], [2, 2], [0, 1], [3, 3], [1, 0]])  # outside -> a repeat (dropped)
+    want = _histogram_paths([(x, same, None)], 18, monkeypatch, ["loop"])["loop"]
+    # the CPU loop refuses them (test_bad_segments_are_refused_before_any_change)
+    for name, got in _histogram_paths([(x, idx, None)], 18, monkeypatch, ["free", "kernel"]).items():
+        for a, b in zip(want[0], got[0], strict=True):
+            assert torch.equal(a, b), name
+        assert torch.equal(want[1], got[1]) and int(got[2]) == 3, name
+
+
+@pytest.mark.interpreter
+def test_segmented_histogram_with_many_bins(monkeypatch):
+    """Past 2**16 bins the grid kernel walks the counts in larger blocks."""
+    g = torch.Generator().manual_seed(23)
+    batches = [(torch.randn(8, 16, generator=g) * s, torch.randint(0, 3, (8, 2), generator=g), None)
+               for s in (1.0, 1e3)]  # fmt: skip
+    paths = _histogram_paths(batches, 80002, monkeypatch)
+    _assert_same_histograms(paths)
+    assert int(paths["loop"][0].counts.sum()) == int(paths["loop"][0].seen[:, Seen.FINITE].sum()) > 0
