@@ -157,6 +157,25 @@ def test_regrid_moves_counts_exactly():
     assert torch.equal(moved, _oracle_counts(values, int(new_e), int(new_o), obs.counts.shape[0]))
 
 
+def test_grids_and_regrids_of_many_histograms_at_once_are_each_ones():
+    """Segmented states hold one grid per segment: ``canonical_grid`` and ``regrid`` work elementwise."""
+    g = torch.Generator().manual_seed(5)
+    scale = torch.tensor([1e-30, 1.0, 10.0, 1e3, 0.0, 1e30, 3.0, 1.0])
+    lo = torch.randn(8, generator=g) * scale
+    hi = lo + torch.rand(8, generator=g) * scale
+    lo[6], hi[6] = float("inf"), float("-inf")  # nothing seen
+    e, o = G.canonical_grid(lo, hi, 40)
+    new_e, new_o = G.canonical_grid(lo - lo.abs() * 3 - 1, hi + hi.abs() * 3 + 1, 40)
+    counts = torch.randint(0, 5, (8, 40), generator=g)
+    moved = G.regrid(counts, e, o, new_e, new_o)
+    assert not torch.equal(moved, counts)
+    for i in range(8):
+        one = G.canonical_grid(lo[i], hi[i], 40)
+        assert one[0].shape == () and (int(one[0]), int(one[1])) == (int(e[i]), int(o[i]))
+        assert torch.equal(moved[i], G.regrid(counts[i], e[i], o[i], new_e[i], new_o[i]))
+    assert torch.equal(moved.sum(1), counts.sum(1))
+
+
 def test_counts_do_not_saturate_at_2_pow_24():
     n = 2**24 + 3  # a float32 count stops at 2**24
     obs = _observe([torch.zeros(n)])
