@@ -20,8 +20,9 @@
 # Optional steps (STEPS="... suite probes calib"): the pytest-benchmark suite (T_SUITE; $OUT/suite.{json,md}),
 # the probes of gpu_bench.py (programs per SM, torch.histc alone, the launcher alone) at 1e8 and 1e9, and
 # calib: llm_calibration.py --h200 (T_CALIB; $OUT/llm_calibration.json; a Llama-like model of 8 layers,
-# hidden 4096, 4 x 2048 tokens, bf16, without transformers if it is absent) and group_calls.py (T_GROUP;
-# into the log).
+# hidden 4096, 4 x 2048 tokens, bf16, without transformers if it is absent), group_calls.py (T_GROUP;
+# into the log) and segments_bench.py (T_GROUP; segmented MoE observers against one observer per expert,
+# [16384, 4096] bf16, 8 experts top-2 and 64 top-8; into the log).
 # Everything else each step prints goes to $OUT/gpu_check.log. At most 8 files land in $OUT (the device
 # tool brings back 8). STEPS picks the steps of a rerun (default "gate tests bench llm summary"); a step
 # cut at its limit is reported and the next one still runs. BENCH_ARGS adds gpu_bench.py options.
@@ -121,11 +122,14 @@ if has calib; then  # optional: benchmarks/llm_calibration.py (its --h200 profil
     if [ "$SMOKE" = 1 ]; then
         CALIB=(--device cpu --dtype float32 --layers 1 --hidden 64 --tokens 16 --batches 2 --vocab 128 --rounds 1
                --no-modelopt) GROUP=(--device cpu --min-seconds 0.05 --layers 1 --hidden 64)
+        SEGMENTS=(--device cpu --min-seconds 0.05 --tokens 64 --hidden 32 --configs 4x2)
     else
         CALIB=(--h200) GROUP=(--device cuda)
+        SEGMENTS=(--device cuda --min-seconds 0.5 --tokens 16384 --hidden 4096 --dtype bfloat16 --configs 8x2,64x8)
     fi
     step calib "$T_CALIB" python3 benchmarks/llm_calibration.py "${CALIB[@]}" --json "$OUT/llm_calibration.json"
     step group "$T_GROUP" python3 benchmarks/group_calls.py "${GROUP[@]}"
+    step segments "$T_GROUP" python3 benchmarks/segments_bench.py "${SEGMENTS[@]}"
 fi
 if has probes; then  # into gpu_check.log only (no JSON: the 8 files are taken)
     step probes "$T_BENCH" python3 benchmarks/gpu_bench.py "${SM[@]}" --sizes "$SIZES" --probes-only \

@@ -31,6 +31,20 @@ def test_gpu_check_parses_and_names_every_step():
         assert f"has {step}" in text
 
 
+def test_segments_bench_times_every_kind_beside_one_observer_per_expert(tmp_path, capsys):
+    bench = _load("segments_bench")
+    out = tmp_path / "segments.json"
+    argv = ["--device", "cpu", "--tokens", "40", "--hidden", "8", "--configs", "4x2,3x1", "--min-seconds=0"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for kind in bench.KINDS:
+        for routing in ("E=4 top-2", "E=3 top-1"):
+            seg, loop = rows[f"{kind}, {routing}, segmented"], rows[f"{kind}, {routing}, per expert"]
+            assert seg["ms"] > 0 and loop["speedup"] == 1.0
+            assert seg["speedup"] == pytest.approx(loop["ms"] / seg["ms"])
+    assert "| minmax, E=4 top-2, segmented |" in capsys.readouterr().out
+
+
 @pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 def test_gate_passes_and_catches_a_difference(tmp_path, monkeypatch):
