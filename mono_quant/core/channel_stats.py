@@ -32,8 +32,9 @@ class ChannelStatsObserver(ObserverBase):
     observer does. ``obs(x, segments=idx, num_segments=E)`` (MoE experts, ``mono_quant.core.segments``)
     keeps E sets of these statistics: every buffer below gains a leading ``E`` dim (``(E, C)``, ``seen``
     ``(E, 4)``) and segment ``e`` (``segment(e)``) holds exactly what a plain observer fed the rows routed to
-    ``e`` holds. The segmented update runs the plain one per segment on its rows: it reads the routing on the
-    host (one sync a call on CUDA), as the histogram does.
+    ``e`` holds. On the CPU the segmented update runs the plain one per segment on its rows; on CUDA it is
+    sync-free (no host read), its float64 sums added in another order than the CPU's: equal to within
+    float64 rounding (``channel_ops.channel_stats_segments_update_``).
 
     Buffers, besides ``running_min`` / ``running_max`` (float32 ``(C,)``) and ``seen``:
         abs_sum, sq_sum: float64 ``(C,)``, the sums of ``|x|`` and ``x**2`` over each channel's finite values.

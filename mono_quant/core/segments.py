@@ -15,9 +15,9 @@ state a plain observer of the same kind would hold after seeing the rows routed 
 Segmented kinds: MinMax, moving average, per-channel (``ch_axis`` not 0) and moving-average per-channel
 (on CUDA one kernel launch a call, ``mono_quant.kernels.segments``, no host read), histogram (every method;
 per segment the histogram update of its rows; on CUDA three launches a call, ``kernels.segment_histogram``,
-no host read),
-channel statistics (``ChannelStatsObserver``: per segment the channel-stats update of its rows, its float64
-sums and counts ``(E, C)``; the routing is read on the host, one sync a call on CUDA).
+no host read), channel statistics (``ChannelStatsObserver``: its float64 sums and counts ``(E, C)``; on
+the CPU per segment the channel-stats update of its rows, on CUDA sync-free, the float64 sums added in
+another order than the CPU's: equal to within float64 rounding).
 The amax history and the block observer refuse (``NotImplementedError``).
 """
 
