@@ -19,7 +19,7 @@ import torch
 
 from mono_quant.ops import minmax_per_channel_update_, minmax_segments_update_
 from mono_quant.reference_range import _may_branch
-from mono_quant.reference_segments import check_routing_values, routing, segment_rows
+from mono_quant.reference_segments import check_routing_values, each_segment_rows, routing
 from mono_quant.rows import FILTER_CHUNK, keep_view, pieces
 from mono_quant.state import RangeState, SegmentState
 
@@ -156,7 +156,7 @@ def channel_stats_segments_update_(
     """Per segment ``e``, ``channel_stats_update_`` of the rows of ``x`` routed to it (``x[rows]`` under
     ``mask[rows]``) into slice ``e`` of every buffer, in place; ``tokens_seen[e]`` += those rows not wholly
     masked; segments that get no row are untouched. On the CPU exactly that, per segment on its gathered
-    rows (``reference_segments.segment_rows``); elsewhere sync-free, no host read: the min/max, ``seen``,
+    rows (``reference_segments.each_segment_rows``); elsewhere sync-free, no host read: the min/max, ``seen``,
     ``tokens_seen`` and ``invalid`` of ``ops.minmax_segments_update_`` (the same counting rules, so the
     same values) and the counts and sums of ``_segment_sums_`` (the same counts; the float64 sums added in
     another order, equal to within float64 rounding).
@@ -177,10 +177,13 @@ def channel_stats_segments_update_(
     check_routing_values(segments, num_segments)
     axis = ch_axis % x.dim()
     if _may_branch(x):  # CPU: per segment, the plain update of its rows (reading the routing costs nothing)
-        for e, rows, part in segment_rows(x, segments, mask, tokens_seen):
+
+        def update(e, rows, part):
             sub = RangeState(state.running_min[e], state.running_max[e], state.seen[e])
             sums = abs_sum[e], sq_sum[e], count[e]
             channel_stats_update_(rows, axis, sub, *sums, mask=part, backend=backend)
+
+        each_segment_rows(x, segments, mask, tokens_seen, update)
         invalid.add_(routing(segments, num_segments)[1])
         return
     ranges = SegmentState(state.running_min, state.running_max, state.seen, tokens_seen, invalid)

@@ -33,7 +33,7 @@ def _sync_free(m: pytest.MonkeyPatch) -> None:
 
     for module in (channel_ops, reference_segments):
         m.setattr(module, "_may_branch", lambda t: False)
-        m.setattr(module, "segment_rows", gather)
+        m.setattr(module, "each_segment_rows", gather)
 
 
 def _batches(shape, dtype=torch.float32, topk=2, with_mask=True, seed=0):
