@@ -82,7 +82,9 @@ def histogram_update_(x: torch.Tensor, state: HistogramState, *, mask: torch.Ten
         if keep is not None:
             t = torch.where(keep, t, -1.0)  # masked values: outside histc's range, as NaN
         if all_finite:  # every t is a bin number in [0, B): bincount is 4x faster than histc on CPU
-            counts += torch.bincount(t.to(torch.int64), minlength=num_bins)
+            # int32 holds every bin number (B <= 2**21 + 2); the CPU converts float32 to int32 about 10x
+            # faster than to int64, and the update of 4M values takes 0.55-0.75x the time
+            counts += torch.bincount(t.to(torch.int32), minlength=num_bins)
             continue
         # t holds integer bin numbers; with edges at -0.5, 0.5, ... every integer lands in its own bin
         # whatever histc's rounding, and NaN / +-Inf fall outside and are skipped. Float counts are exact
