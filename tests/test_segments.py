@@ -467,6 +467,23 @@ def test_segmented_histogram_paths_agree_exactly(mask_kind, dtype, topk, monkeyp
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [(13,), (7, 1, 3)])
+def test_segmented_histogram_of_float64_and_scalar_rows(shape, monkeypatch):
+    """float64 values are binned as their float32 roundings: past float32's range they count as
+    non-finite on every path."""
+    g = torch.Generator().manual_seed(24)
+    batches = []
+    for step in range(2):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * 10.0**step
+        x.view(-1)[3] = 1e39  # inf in float32
+        batches.append((x, torch.randint(0, 3, (shape[0], 2), generator=g), None))
+    paths = _histogram_paths(batches, 34, monkeypatch)
+    _assert_same_histograms(paths)
+    seen = paths["loop"][0].seen
+    assert int(seen[:, Seen.NONFINITE].sum()) >= 2 and int(seen[:, Seen.FINITE].sum()) > 0
+
+
+@pytest.mark.interpreter
 def test_segmented_histogram_drops_and_counts_outside_entries(monkeypatch):
     g = torch.Generator().manual_seed(22)
     x = torch.randn(6, 4, generator=g)
