@@ -21,7 +21,7 @@
 # the probes of gpu_bench.py (programs per SM, torch.histc alone, the launcher alone) at 1e8 and 1e9, and
 # calib: llm_calibration.py --h200 (T_CALIB; $OUT/llm_calibration.json; a Llama-like model of 8 layers,
 # hidden 4096, 4 x 2048 tokens, bf16, without transformers if it is absent), group_calls.py (T_GROUP;
-# into the log) and segments_bench.py (T_GROUP; segmented MoE observers against one observer per expert,
+# into the log) and segments_bench.py (T_SEGMENTS; segmented MoE observers against one observer per expert,
 # [16384, 4096] bf16, 8 experts top-2 and 64 top-8; into the log).
 # Everything else each step prints goes to $OUT/gpu_check.log. At most 8 files land in $OUT (the device
 # tool brings back 8). STEPS picks the steps of a rerun (default "gate tests bench llm summary"); a step
@@ -37,7 +37,7 @@ SMOKE="${SMOKE:-0}"
 x=1 && [ "$SMOKE" = 1 ] && x=10  # the interpreter on 2 CPU cores: the H200's limits times ten
 T_GATE="${T_GATE:-$((90 * x))}" T_TESTS="${T_TESTS:-$((150 * x))}" T_BENCH="${T_BENCH:-$((150 * x))}"
 T_LLM="${T_LLM:-$((60 * x))}" T_SUITE="${T_SUITE:-$((200 * x))}" T_CALIB="${T_CALIB:-$((240 * x))}"
-T_GROUP="${T_GROUP:-$((60 * x))}"
+T_GROUP="${T_GROUP:-$((60 * x))}" T_SEGMENTS="${T_SEGMENTS:-$((120 * x))}"
 STEPS="${STEPS:-gate tests bench llm summary}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 WHEELS="${WHEELS:-.whl}"
@@ -129,7 +129,7 @@ if has calib; then  # optional: benchmarks/llm_calibration.py (its --h200 profil
     fi
     step calib "$T_CALIB" python3 benchmarks/llm_calibration.py "${CALIB[@]}" --json "$OUT/llm_calibration.json"
     step group "$T_GROUP" python3 benchmarks/group_calls.py "${GROUP[@]}"
-    step segments "$T_GROUP" python3 benchmarks/segments_bench.py "${SEGMENTS[@]}"
+    step segments "$T_SEGMENTS" python3 benchmarks/segments_bench.py "${SEGMENTS[@]}"
 fi
 if has probes; then  # into gpu_check.log only (no JSON: the 8 files are taken)
     step probes "$T_BENCH" python3 benchmarks/gpu_bench.py "${SM[@]}" --sizes "$SIZES" --probes-only \
