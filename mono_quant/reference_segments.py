@@ -194,15 +194,14 @@ def _minmax_segments_free_(
 def routed_rows(segments: torch.Tensor, num_segments: int) -> list[torch.Tensor | None]:
     """Per segment, the int64 indices of the rows routed to it (``None`` where none is); reads the host."""
     slots, _ = routing(segments, num_segments)
-    flat = slots.reshape(-1)
-    rows = torch.arange(slots.shape[0], device=slots.device).repeat_interleave(slots.shape[1])
-    keep = flat < num_segments
-    flat, rows = flat[keep], rows[keep]
-    order = torch.argsort(flat, stable=True)  # rows ascending within a segment
-    sizes = torch.bincount(flat, minlength=num_segments).tolist()
+    k = slots.shape[1]
+    flat = slots.reshape(-1)  # position p holds an entry of row p // k
+    order = torch.argsort(flat, stable=True)  # positions ascending within a segment, the dump slot E last
+    sizes = torch.bincount(flat, minlength=num_segments + 1)[:num_segments].tolist()
+    rows = order // k if k > 1 else order  # a row lists a segment once (routing), so no row repeats
     out, start = [], 0
     for size in sizes:
-        out.append(rows[order[start : start + size]] if size else None)
+        out.append(rows[start : start + size] if size else None)
         start += size
     return out
 
