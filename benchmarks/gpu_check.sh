@@ -6,8 +6,9 @@
 #      PYTHONPATH if pip cannot install here), and the wheels in $WHEELS (default .whl, e.g. ModelOpt's:
 #      benchmarks/README.md) into /tmp/site when that folder holds any;
 #   1. gate (T_GATE): benchmarks/gpu_gate.py, every kernel, default and opt-in (MinMax kernels with and
-#      without the fast launch, every histogram binning in HIST_STRATEGIES), on CUDA against the torch
-#      path, bit for bit, one process per kernel, 8 at a time (compiling is CPU-bound): $OUT/gate.json;
+#      without the fast launch, every histogram binning in HIST_STRATEGIES, the segmented MoE kernels), on
+#      CUDA against the torch path, bit for bit, one process per kernel, 8 at a time (compiling is
+#      CPU-bound): $OUT/gate.json;
 #   2. tests (T_TESTS): every gpu-marked test under tests/ (CUDA vs torch, > 2**31 elements, sync-free
 #      forward, CUDA-graph replay, torch.compile), on several processes when pytest-xdist is there, each
 #      test under a time limit when pytest-timeout is: $OUT/gpu_tests.log;

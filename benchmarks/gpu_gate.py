@@ -6,7 +6,9 @@ on sequences of batches beside ``mono_quant.reference`` on the same device; the 
 for bit after every batch. Data: randn, LLM-like activations (``mono_quant.bench.activation``), ranges
 growing to the left, the right and both, NaN / +-Inf placed in chosen tiles (the first, one a few tiles
 on, the last full one) and in the ragged tail, a batch with nothing finite; fp32, bf16 and fp16 (fp64
-where the kernels cast it), sizes around the tile and past a full wave of persistent programs.
+where the kernels cast it), sizes around the tile and past a full wave of persistent programs. The
+segmented kernels (MoE experts: min/max per tensor and per channel, with and without the moving average,
+and the histogram) against the torch twin, top-1 and top-2 routing under a token mask.
 
 Writes ``gate.json`` (every case, pass or fail, rewritten after each kernel) and prints one line per
 kernel; exits 1 when any case fails. ``--smoke``: the same cases at small sizes on the CPU under
@@ -22,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+from typing import NamedTuple
 
 import torch
 
@@ -178,8 +181,85 @@ def gate(
                        reference.histogram_update_, functools.partial(HistogramState.empty, 4098, device),
                        batches)  # fmt: skip
         flush(name, t0)
+    if chosen("segments"):
+        t0 = time.perf_counter()
+        for dtype in [d for d in dtypes if d != torch.float64]:
+            for case, state_of, update, reference_update, batches in _segment_cases(smoke, device, dtype):
+                record("segments", case, dtype, update, reference_update, state_of, batches)
+        flush("segments", t0)
     print(f"gate: {'passed' if not failed else f'{failed} case(s) FAILED'} ({len(results)} cases)")
     return 1 if failed else 0
+
+
+class _SegHist(NamedTuple):
+    """A segmented histogram state with its routing counts, compared field by field."""
+
+    running_min: torch.Tensor
+    running_max: torch.Tensor
+    seen: torch.Tensor
+    exponent: torch.Tensor
+    origin: torch.Tensor
+    counts: torch.Tensor
+    tokens_seen: torch.Tensor
+    invalid: torch.Tensor
+
+    @staticmethod
+    def empty(num_segments: int, num_bins: int, device) -> _SegHist:
+        from mono_quant.grid import E_MIN
+
+        e = (num_segments,)
+        inf = torch.full(e, float("inf"), device=device)
+        return _SegHist(inf, -inf, torch.zeros((*e, 4), dtype=torch.int64, device=device),
+                        torch.full(e, E_MIN, dtype=torch.int64, device=device),
+                        torch.zeros(e, dtype=torch.int64, device=device),
+                        torch.zeros((*e, num_bins), dtype=torch.int64, device=device),
+                        torch.zeros(e, dtype=torch.int64, device=device),
+                        torch.zeros((), dtype=torch.int64, device=device))  # fmt: skip
+
+
+def _segment_cases(smoke: bool, device: str, dtype: torch.dtype):
+    """The segmented kernels (MoE experts) against the torch twin: ``(case, state_of, update,
+    reference_update, batches)``, each batch ``(x, routing, mask)`` of ``[rows, hidden]`` rows, top-1 and
+    top-2 (a row listing one expert twice), an expert that gets no row, a token mask, NaN / +-Inf, a growing
+    range; on CUDA the twin is its sync-free path."""
+    from mono_quant import kernels, reference_segments
+    from mono_quant.state import HistogramState, SegmentState
+
+    experts, hidden = 8, 16 if smoke else 4096
+    rows = 13 if smoke else 3 * 1024 + 17  # past a wave of the kernels' persistent programs on an H200
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    routed = {}
+    for k in (1, 2):
+        batches = []
+        for scale in (1.0, 4.0, 0.5):
+            x = (torch.randn(rows, hidden, generator=gen) * scale).to(dtype)
+            x.view(-1)[:: 7 * hidden + 3] = float("nan")
+            x.view(-1)[5 :: 11 * hidden + 1] = float("-inf")
+            idx = torch.randint(0, experts - 1, (rows, k), generator=gen)  # the last expert gets no row
+            idx[0] = 2  # listed twice under top-2: counts once
+            mask = torch.rand(rows, generator=gen) > 0.2
+            batches.append(tuple(t.to(device) for t in (x, idx.squeeze(1) if k == 1 else idx, mask)))
+        routed[f"top-{k}"] = batches
+
+    def minmax(impl, c, axis):
+        return lambda b, st: impl.minmax_segments_update_(b[0], b[1], st, c, ch_axis=axis, mask=b[2])
+
+    def histogram(impl):
+        def update(b, st):
+            hist = HistogramState(*st[:6])
+            impl.histogram_segments_update_(b[0], b[1], hist, st.tokens_seen, st.invalid, mask=b[2])
+
+        return update
+
+    num_bins = 34 if smoke else 4098
+    for name, batches in routed.items():
+        for axis, c in ((None, None), (None, 0.1), (-1, None), (-1, 0.1)):
+            shape = () if axis is None else (hidden,)
+            yield (f"min/max {'per channel' if axis else 'per tensor'}, c={c}, {name}",
+                   functools.partial(SegmentState.empty, experts, shape, device),
+                   minmax(kernels, c, axis), minmax(reference_segments, c, axis), batches)  # fmt: skip
+        yield (f"histogram, {name}", functools.partial(_SegHist.empty, experts, num_bins, device),
+               histogram(kernels), histogram(reference_segments), batches)  # fmt: skip
 
 
 def _per_tensor(update, x, state, c, kw):
@@ -205,7 +285,7 @@ def _kernel_names() -> list[str]:
     fast = (False, True) if hasattr(_common, "FAST_LAUNCH") else (False,)
     names = [f"minmax[{k}{'+fast_launch' if f else ''}]" for k in getattr(kmm, "MINMAX_KERNELS", ("default",))
              for f in fast]  # fmt: skip
-    return names + [f"histogram[{s}]" for s in khist.HIST_STRATEGIES]
+    return names + [f"histogram[{s}]" for s in khist.HIST_STRATEGIES] + ["segments"]
 
 
 def _parallel(args, jobs: int) -> int:

@@ -72,6 +72,31 @@ def test_gate_passes_and_catches_a_difference(tmp_path, monkeypatch):
     assert [r["case"] for r in failed] == ["sizes around the tile"]
 
 
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+def test_gate_checks_the_segmented_kernels(tmp_path, monkeypatch):
+    pytest.importorskip("mono_quant.kernels", reason="triton is not installed")
+    from mono_quant import reference_segments
+
+    gate = _load("gpu_gate")
+    args = ["--smoke", "--out", str(tmp_path), "--dtypes", "float32", "--only", "segments"]
+    assert gate.main(args) == 0
+    results = json.loads((tmp_path / "gate.json").read_text())["results"]
+    assert len(results) == 10 and all(r["ok"] and r["kernel"] == "segments" for r in results)
+    kinds = {r["case"].split(",")[0] for r in results}
+    assert kinds == {"min/max per tensor", "min/max per channel", "histogram"}
+
+    def one_more(x, segments, state, tokens_seen, invalid, *, mask=None):  # a twin that miscounts
+        histogram_segments_update_(x, segments, state, tokens_seen, invalid, mask=mask)
+        state.counts[0, 0] += 1
+
+    histogram_segments_update_ = reference_segments.histogram_segments_update_
+    monkeypatch.setattr(reference_segments, "histogram_segments_update_", one_more)
+    assert gate.main(args) == 1
+    failed = [r["case"] for r in json.loads((tmp_path / "gate.json").read_text())["results"] if not r["ok"]]
+    assert failed == ["histogram, top-1", "histogram, top-2"]
+
+
 def _row(case, n, ms, dtype="float32", **kw):
     return {"case": case, "n": n, "dtype": dtype, "ms": ms, **kw}
 
