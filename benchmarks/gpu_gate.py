@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import traceback
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 
@@ -191,30 +191,16 @@ def gate(
     return 1 if failed else 0
 
 
-class _SegHist(NamedTuple):
-    """A segmented histogram state with its routing counts, compared field by field."""
+def _segmented_histogram(num_segments: int, num_bins: int, device):
+    """A blank segmented histogram state with its routing counts, one tuple (compared field by field)."""
+    from mono_quant.grid import E_MIN
+    from mono_quant.state import HistogramState, SegmentState
 
-    running_min: torch.Tensor
-    running_max: torch.Tensor
-    seen: torch.Tensor
-    exponent: torch.Tensor
-    origin: torch.Tensor
-    counts: torch.Tensor
-    tokens_seen: torch.Tensor
-    invalid: torch.Tensor
-
-    @staticmethod
-    def empty(num_segments: int, num_bins: int, device) -> _SegHist:
-        from mono_quant.grid import E_MIN
-
-        e = (num_segments,)
-        inf = torch.full(e, float("inf"), device=device)
-        return _SegHist(inf, -inf, torch.zeros((*e, 4), dtype=torch.int64, device=device),
-                        torch.full(e, E_MIN, dtype=torch.int64, device=device),
-                        torch.zeros(e, dtype=torch.int64, device=device),
-                        torch.zeros((*e, num_bins), dtype=torch.int64, device=device),
-                        torch.zeros(e, dtype=torch.int64, device=device),
-                        torch.zeros((), dtype=torch.int64, device=device))  # fmt: skip
+    fields = namedtuple("SegmentedHistogram", [*HistogramState._fields, "tokens_seen", "invalid"])
+    ranges = SegmentState.empty(num_segments, (), device)
+    ints = functools.partial(torch.zeros, dtype=torch.int64, device=device)
+    grid = ints(num_segments).fill_(E_MIN), ints(num_segments), ints(num_segments, num_bins)
+    return fields(*ranges.range, *grid, ranges.tokens_seen, ranges.invalid)
 
 
 def _segment_cases(smoke: bool, device: str, dtype: torch.dtype):
@@ -258,7 +244,7 @@ def _segment_cases(smoke: bool, device: str, dtype: torch.dtype):
             yield (f"min/max {'per channel' if axis else 'per tensor'}, c={c}, {name}",
                    functools.partial(SegmentState.empty, experts, shape, device),
                    minmax(kernels, c, axis), minmax(reference_segments, c, axis), batches)  # fmt: skip
-        yield (f"histogram, {name}", functools.partial(_SegHist.empty, experts, num_bins, device),
+        yield (f"histogram, {name}", functools.partial(_segmented_histogram, experts, num_bins, device),
                histogram(kernels), histogram(reference_segments), batches)  # fmt: skip
 
 
