@@ -14,6 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from spawn_ranks import run_ranks
 
 import mono_quant as mq
 from mono_quant.history import AmaxHistoryState
@@ -251,62 +252,26 @@ def _batch(step: int, rank: int) -> torch.Tensor:
     return x
 
 
-def _reduce_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    import datetime
-    import traceback
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-        try:
-            reduced = mq.AmaxHistoryObserver(4, reduce_amax=True, backend="torch")
-            synced = mq.AmaxHistoryObserver(4, backend="torch")
-            for step in range(5):
-                reduced(_batch(step, rank))
-                synced(_batch(step, rank))
-                mq.sync_observers(synced)
-            out = {
-                n: (getattr(reduced, n).clone(), getattr(synced, n).clone())
-                for n in ("amax_history", "scale")
-            }
-        finally:
-            dist.destroy_process_group()
-        torch.save(out, Path(outdir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+def _reduce_rank(rank: int, world: int) -> dict:
+    """One rank: an observer that reduces the amax across ranks and one synced after every step."""
+    reduced = mq.AmaxHistoryObserver(4, reduce_amax=True, backend="torch")
+    synced = mq.AmaxHistoryObserver(4, backend="torch")
+    for step in range(5):
+        reduced(_batch(step, rank))
+        synced(_batch(step, rank))
+        mq.sync_observers(synced)
+    return {n: (getattr(reduced, n).clone(), getattr(synced, n).clone()) for n in ("amax_history", "scale")}
 
 
 @pytest.mark.slow
 def test_reduce_amax_and_a_sync_every_step_are_transformer_engines_reduce_amax(tmp_path):
-    import multiprocessing
-
-    import torch.distributed as dist
-
     world = 2
-    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "mono_quant", __name__])
-    procs = [ctx.Process(target=_reduce_worker, args=(r, world, store.port, str(tmp_path)), daemon=True)
-             for r in range(world)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    errors = "".join(f.read_text() for f in tmp_path.glob("*.err"))
-    assert not alive and not errors and all(p.exitcode == 0 for p in procs), errors
+    ranks = run_ranks(world, _reduce_rank, tmp_path, __name__)
     # one process that saw every rank's batch of each step
     one = mq.AmaxHistoryObserver(4, backend="torch")
     for step in range(5):
         one(torch.cat([_batch(step, r) for r in range(world)]))
-    for r in range(world):
-        out = torch.load(tmp_path / f"rank{r}.pt")
+    for out in ranks:
         for name, (reduced, synced) in out.items():
             assert torch.equal(reduced, getattr(one, name)) and torch.equal(synced, getattr(one, name)), name
 
