@@ -1,5 +1,5 @@
 """Run a function on a few gloo ranks (CPU processes) and collect what each returns: for the tests of
-syncs across ranks outside ``test_distributed.py``."""
+syncs across ranks outside ``test_distributed.py``; and count the collectives a call makes."""
 
 from __future__ import annotations
 
@@ -57,3 +57,19 @@ def run_ranks(world: int, target, outdir: Path, preload: str) -> list:
     assert not hung, f"ranks {hung} of {world} did not finish in {TIMEOUT_S} s\n{errors}"
     assert all(p.exitcode == 0 for p in procs), f"ranks exited with {[p.exitcode for p in procs]}\n{errors}"
     return [torch.load(outdir / f"rank{r}.pt") for r in range(world)]
+
+
+def count_all_reduce(fn) -> int:
+    """How many ``dist.all_reduce`` calls ``fn()`` makes (on a rank of an initialized group)."""
+    calls, original = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        fn()
+    finally:
+        dist.all_reduce = original
+    return len(calls)

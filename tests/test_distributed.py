@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_ranks import count_all_reduce
 from torch import nn
 
 import mono_quant as mq
@@ -120,22 +121,6 @@ def _reference_states() -> tuple[dict, dict]:
 # --- one rank ----------------------------------------------------------------------------------------
 
 
-def _count_all_reduce(fn) -> int:
-    calls = []
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        fn()
-    finally:
-        dist.all_reduce = original
-    return len(calls)
-
-
 def _rank_scenarios(rank: int, world: int, device: torch.device) -> dict:
     out = {}
     batches = [b.to(device) for b in _batches()]
@@ -183,9 +168,9 @@ def _rank_scenarios(rank: int, world: int, device: torch.device) -> dict:
                 o(mine[0])
         return lambda: sync_observers(obs)
 
-    out["collectives"] = {n: _count_all_reduce(synced(n)) for n in (2, 24)}
+    out["collectives"] = {n: count_all_reduce(synced(n)) for n in (2, 24)}
     every_kind = {k: v.to(device) for k, v in _observers().items()}
-    out["collectives"]["every_kind"] = _count_all_reduce(lambda: sync_observers(every_kind))
+    out["collectives"]["every_kind"] = count_all_reduce(lambda: sync_observers(every_kind))
 
     # a Mapping in another order on each rank merges by name, not by position
     named = {"a": mq.MinMaxObserver().to(device), "b": mq.MinMaxObserver().to(device)}

@@ -3,7 +3,7 @@ observer, bit for bit; the two-launch kernels (``kernels/group_minmax.py``) unde
 
 import pytest
 import torch
-from spawn_ranks import run_ranks
+from spawn_ranks import count_all_reduce, run_ranks
 from torch import nn
 
 import mono_quant as mq
@@ -175,29 +175,12 @@ def test_calibrate_weights_of_a_model_in_one_call():
 # --- across ranks (gloo, CPU) ------------------------------------------------------------------------------
 
 
-def _count_collectives(fn) -> int:
-    import torch.distributed as dist
-
-    calls, original = [], dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        fn()
-    finally:
-        dist.all_reduce = original
-    return len(calls)
-
-
 def _sync_rank(rank: int, world: int) -> dict:
     out = {}
     for count in (3, 30):
         group = ObserverGroup({f"l{i}": mq.MinMaxObserver() for i in range(count)})
         group([torch.arange(4.0) * (i + 1) + 10 * rank for i in range(count)])
-        out[count] = {"collectives": _count_collectives(group.sync)}
+        out[count] = {"collectives": count_all_reduce(group.sync)}
         out[count]["min"] = [float(o.min_val) for o in group]
         out[count]["max"] = [float(o.max_val) for o in group]
     return out
