@@ -183,8 +183,7 @@ def channel_stats_segments_update_(
             sums = abs_sum[e], sq_sum[e], count[e]
             channel_stats_update_(rows, axis, sub, *sums, mask=part, backend=backend)
 
-        each_segment_rows(x, segments, mask, tokens_seen, update)
-        invalid.add_(routing(segments, num_segments)[1])
+        each_segment_rows(x, segments, mask, tokens_seen, update)  # no entry is outside: refused above
         return
     ranges = SegmentState(state.running_min, state.running_max, state.seen, tokens_seen, invalid)
     minmax_segments_update_(x, segments, ranges, None, ch_axis=axis, mask=mask, backend=backend)

@@ -161,16 +161,15 @@ def minmax_segments_update_(
 
         each_segment_rows(x, segments, mask, state.tokens_seen, update)
         return
-    _minmax_segments_free_(_float32_values(x), segments, state, averaging_constant, axis, mask)
-
-
-def _minmax_segments_free_(
-    x: torch.Tensor, segments: torch.Tensor, state: SegmentState, averaging_constant, axis, mask
-) -> None:
-    """``minmax_segments_update_`` with nothing read on the host (float32-valued ``x``, ``axis`` >= 1 or
-    ``None``): per-row stats, one scatter per routing column into ``E + 1`` slots."""
-    num_segments = state.tokens_seen.shape[0]
     slots, outside = routing(segments, num_segments)
+    _minmax_segments_free_(_float32_values(x), slots, outside, state, averaging_constant, axis, mask)
+
+
+def _minmax_segments_free_(x, slots, outside, state: SegmentState, averaging_constant, axis, mask) -> None:
+    """``minmax_segments_update_`` with nothing read on the host (float32-valued ``x``, ``axis`` >= 1 or
+    ``None``; ``slots, outside = routing(segments, E)``): per-row stats, one scatter per routing column into
+    ``E + 1`` slots."""
+    num_segments = state.tokens_seen.shape[0]
     mn, mx, counts = _row_stats(x, mask, axis)
     per_row = torch.cat([counts, _kept_rows(x, mask)[:, None]], 1)  # finite, non-finite, masked, token
     seg_min = torch.full((num_segments + 1, *mn.shape[1:]), float("inf"), device=x.device)
@@ -261,17 +260,17 @@ def histogram_segments_update_(
         def update(e, rows, part):
             histogram_update_(rows, HistogramState(*(t[e] for t in state)), mask=part)
 
-        each_segment_rows(x, segments, mask, tokens_seen, update)
-        invalid.add_(routing(segments, num_segments)[1])
+        each_segment_rows(x, segments, mask, tokens_seen, update)  # no entry is outside: refused above
         return
     x = _float32_values(x)
+    slots, outside = routing(segments, num_segments)
     ranges = SegmentState(state.running_min, state.running_max, state.seen, tokens_seen, invalid)
-    _minmax_segments_free_(x, segments, ranges, None, None, mask)
+    _minmax_segments_free_(x, slots, outside, ranges, None, None, mask)
     new_e, new_o = canonical_grid(state.running_min, state.running_max, state.counts.shape[1])
     state.counts.copy_(regrid(state.counts, state.exponent, state.origin, new_e, new_o))
     state.exponent.copy_(new_e)
     state.origin.copy_(new_o)
-    _bin_segments_(x, routing(segments, num_segments)[0], state, mask)
+    _bin_segments_(x, slots, state, mask)
 
 
 def _bin_segments_(x: torch.Tensor, slots: torch.Tensor, state: HistogramState, mask) -> None:
